@@ -1,0 +1,1 @@
+"""Parallax compute: PyTorch references and the kernels checked against them."""

@@ -1,0 +1,163 @@
+"""`python -m mad.run [overrides]`: train one model on one MAD task setting and write its `result.json`.
+
+    python -m mad.run attention=parallax optimizer=muon
+    python -m mad.run task=selective_copying task.num_tokens_to_copy=32 optimizer.lr=1e-3
+    python -m mad.run profile=smoke          # CPU-sized; not comparable with published MAD scores
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_original_cwd, instantiate, to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from mad.config_checks import ConfigError, check_config, task_setting
+from mad.data import load_split
+from mad.optim import build_optimizers, cosine_schedules
+from mad.results import (
+    RECORD_NAME, SCHEMA_VERSION, WEIGHTS_NAME, describe_device, git_revision, package_versions, write_json_atomically,
+)  # fmt: skip
+from mad.train import LoopConfig, TrainResult, train
+from models.backbone import AutoEncoder, LanguageModel, count_parameters
+from models.mlp import SwiGLU
+
+
+def build_model(cfg: DictConfig) -> torch.nn.Module:
+    """The task's backbone around the configured mixer (the attention yaml's `_target_`) and SwiGLU."""
+    task, m = cfg.task, cfg.model
+    mixer = instantiate(cfg.attention)  # a partial: width -> module
+
+    def mlp(dim: int) -> SwiGLU:
+        return SwiGLU(dim, hidden_dim=m.mlp_hidden_dim)
+
+    common = dict(dim=m.dim, num_layers=m.num_layers, mixer=mixer, mlp=mlp, norm_eps=m.norm_eps)
+    if task.backbone == "autoencoder":
+        return AutoEncoder(task.vocab_size, seq_len=task.seq_len, **common)
+    return LanguageModel(task.vocab_size, linear_init=m.linear_init, **common)
+
+
+def resolve_device(train_cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]:
+    device = torch.device("cuda" if train_cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if train_cfg.device == "auto" else train_cfg.device)  # fmt: skip
+    precision = train_cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return device, (torch.bfloat16 if precision == "bf16" else None)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Validate, build, train and record one run; returns the record written to `run_dir / result.json`."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    check_config(resolved)
+    device, autocast_dtype = resolve_device(cfg.train)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)  # raises ValueError on impossible layer settings, before any data work
+    optimizers = build_optimizers(model, resolved["optimizer"])
+    schedules = cosine_schedules(optimizers, cfg.train.epochs, cfg.train.min_lr)
+    cache = Path(to_absolute_path(cfg.data_cache)) if cfg.data_cache else None
+    setting = task_setting(resolved["task"])
+    record = _record_header(cfg, resolved, model, device)
+    started = time.perf_counter()
+    try:
+        train_split = load_split(cfg.task.name, "train", cfg.task.num_train_examples, cfg.seed, setting, cache)
+        test_split = load_split(cfg.task.name, "test", cfg.task.num_test_examples, cfg.seed, setting, cache)
+        loop = LoopConfig(
+            epochs=cfg.train.epochs,
+            batch_size=cfg.train.batch_size,
+            early_stop_accuracy=cfg.train.early_stop_accuracy,
+            seed=cfg.seed,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            progress=cfg.progress,
+        )
+        result = train(model, optimizers, schedules, train_split, test_split, loop)
+    except Exception as e:
+        record.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.perf_counter() - started)
+        write_json_atomically(run_dir / RECORD_NAME, record)
+        raise
+    record.update(_summary(result), wall_time_s=time.perf_counter() - started)
+    torch.save(model.state_dict(), run_dir / WEIGHTS_NAME)
+    write_json_atomically(run_dir / RECORD_NAME, record)
+    return record
+
+
+def _record_header(cfg: DictConfig, resolved: dict, model: torch.nn.Module, device: torch.device) -> dict:
+    choices = HydraConfig.get().runtime.choices
+    return {
+        "schema": SCHEMA_VERSION,
+        "status": "running",
+        "error": None,
+        "task": cfg.task.name,
+        "setting": task_setting(resolved["task"]) | {
+            "num_train_examples": cfg.task.num_train_examples, "num_test_examples": cfg.task.num_test_examples},
+        "attention": choices.get("attention"),
+        "optimizer": cfg.optimizer.name,
+        "lr": cfg.optimizer.lr,
+        "weight_decay": cfg.optimizer.weight_decay,
+        "seed": cfg.seed,
+        "profile": cfg.profile.name,
+        "comparable_with_published_mad": cfg.profile.comparable,
+        "config": resolved,
+        "num_params": count_parameters(model),
+        "device": describe_device(device),
+        "versions": package_versions(),
+        "git": git_revision(Path(get_original_cwd())),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+
+
+def _summary(result: TrainResult) -> dict:
+    best = result.best_epoch()
+    return {
+        "status": result.status,
+        "diverged_at_step": result.diverged_at_step,
+        "best_epoch": best.epoch if best else None,
+        "test_accuracy": best.test_accuracy if best else None,  # MAD's macro accuracy at the lowest-perplexity epoch
+        "test_token_accuracy": best.test_token_accuracy if best else None,
+        "test_perplexity": best.test_perplexity if best else None,
+        "test_loss": best.test_loss if best else None,
+        "epochs_run": len(result.epochs),
+        "early_stopped": result.early_stopped,
+        "steps": result.steps,
+        "train_tokens": result.train_tokens,
+        "tokens_per_s": result.train_tokens / result.train_seconds if result.train_seconds else None,
+        "epochs": [vars(e) for e in result.epochs],
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _print_summary(record: dict, run_dir: Path) -> None:
+    console = Console(soft_wrap=True)
+    note = "" if record["comparable_with_published_mad"] else (
+        "  [yellow](profile " + record["profile"] + ": not comparable with published MAD scores)[/yellow]")
+    acc = record["test_accuracy"]
+    console.print(
+        f"[bold]{record['task']}[/bold] {record['attention']} + {record['optimizer']} (lr {record['lr']:g}, "
+        f"wd {record['weight_decay']:g}): status [bold]{record['status']}[/bold], "
+        f"test accuracy {acc if acc is None else f'{acc:.4f}'} at epoch {record['best_epoch']}"
+        f" of {record['epochs_run']}{note}\n  record: {run_dir / RECORD_NAME}"
+    )  # fmt: skip
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        record = run(cfg, run_dir)
+    except ConfigError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+    _print_summary(record, run_dir)
+    return record
+
+
+if __name__ == "__main__":
+    main()

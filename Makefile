@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m mad.run profile=smoke
+	$(PY) -m mad.run -m +sweep=smoke
 
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q

@@ -71,6 +71,7 @@ def _check_optimizer(opt: dict) -> None:
 def _check_train(train: dict) -> None:
     _positive_int("train.epochs", train["epochs"])
     _positive_int("train.batch_size", train["batch_size"])
+    _positive_int("train.runs_per_gpu", train["runs_per_gpu"])
     if train["precision"] not in PRECISIONS:
         raise ConfigError(f"unknown train.precision {train['precision']!r}; allowed: {', '.join(PRECISIONS)}")
     device = str(train["device"])

@@ -21,10 +21,12 @@ from rich.console import Console
 
 from mad.config_checks import ConfigError, check_config, task_setting
 from mad.data import load_split
+from mad.devices import choose_device
 from mad.optim import build_optimizers, cosine_schedules
 from mad.results import (
     RECORD_NAME, SCHEMA_VERSION, WEIGHTS_NAME, describe_device, git_revision, package_versions, write_json_atomically,
 )  # fmt: skip
+from mad.resume import finished_record
 from mad.train import LoopConfig, TrainResult, train
 from models.backbone import AutoEncoder, LanguageModel, count_parameters
 from models.mlp import SwiGLU
@@ -44,20 +46,38 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
     return LanguageModel(task.vocab_size, linear_init=m.linear_init, **common)
 
 
-def resolve_device(train_cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]:
-    device = torch.device("cuda" if train_cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if train_cfg.device == "auto" else train_cfg.device)  # fmt: skip
-    precision = train_cfg.precision
+def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU and float32 on CPU for `auto`; None means no autocast (float32)."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    return device, (torch.bfloat16 if precision == "bf16" else None)
+    return torch.bfloat16 if precision == "bf16" else None
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Validate, build, train and record one run; returns the record written to `run_dir / result.json`."""
+def launch(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """Validate; then skip (already finished), list (dry run) or train the run. Returns its record, if any."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     check_config(resolved)
-    device, autocast_dtype = resolve_device(cfg.train)
+    previous = finished_record(run_dir, resolved, force=cfg.force)
+    if cfg.dry_run:
+        Console(soft_wrap=True).print(f"{'done' if previous else 'to run'}: {run_dir}")
+        return previous
+    if previous:
+        Console(soft_wrap=True).print(f"already finished ({previous['status']}), skipped: {run_dir / RECORD_NAME}")
+        return previous
+    device, lease = choose_device(cfg.train.device, runs_per_gpu=cfg.train.runs_per_gpu,
+                                  lock_dir=Path(cfg.train.gpu_lock_dir))  # fmt: skip
+    try:
+        record = run(cfg, resolved, run_dir, device)
+    finally:
+        if lease is not None:
+            lease.release()
+    _print_summary(record, run_dir)
+    return record
+
+
+def run(cfg: DictConfig, resolved: dict, run_dir: Path, device: torch.device) -> dict:
+    """Build, train and record one validated run; returns the record written to `run_dir / result.json`."""
+    autocast_dtype = autocast_dtype_for(cfg.train.precision, device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)  # raises ValueError on impossible layer settings, before any data work
     optimizers = build_optimizers(model, resolved["optimizer"])
@@ -129,7 +149,7 @@ def _summary(result: TrainResult) -> dict:
         "steps": result.steps,
         "train_tokens": result.train_tokens,
         "tokens_per_s": result.train_tokens / result.train_seconds if result.train_seconds else None,
-        "epochs": [vars(e) for e in result.epochs],
+        "history": result.history(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -148,15 +168,13 @@ def _print_summary(record: dict, run_dir: Path) -> None:
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> dict | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        record = run(cfg, run_dir)
+        return launch(cfg, run_dir)
     except ConfigError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {e}")
         sys.exit(2)
-    _print_summary(record, run_dir)
-    return record
 
 
 if __name__ == "__main__":

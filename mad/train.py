@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,10 @@ class TrainResult:
         finite = [e for e in self.epochs if math.isfinite(e.test_perplexity)]
         return min(finite, key=lambda e: e.test_perplexity) if finite else None
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def history(self) -> dict[str, list]:
+        """Per-epoch metrics, one list per field (compact in JSON, and a DataFrame in one call)."""
+        fields = [f.name for f in dataclasses.fields(EpochRecord)]
+        return {name: [getattr(e, name) for e in self.epochs] for name in fields}
 
 
 def train(

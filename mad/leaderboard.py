@@ -1,0 +1,577 @@
+"""`python -m mad.leaderboard RUNS_DIR`: the MAD score of every architecture (attention x optimizer) in a runs folder.
+
+    python -m mad.leaderboard runs/multirun/2026-11-30          # writes analysis/2026-11-30/
+    python -m mad.leaderboard runs --profile smoke --out analysis/smoke
+
+Reads every `result.json` under RUNS_DIR (never directory names) and aggregates exactly as MAD does
+(docs/mad-protocol.md section 3): per setting the best test accuracy over the lr x weight-decay runs, per task the mean
+over its settings, overall the plain mean of the six task scores, all fractions in [0, 1]. Missing settings, diverged
+runs, failed runs and files that are not run records are reported, never silently dropped. Writes leaderboard.md,
+leaderboard.csv, settings.csv, heatmap.png and muon_gap.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import numbers
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mad import plots
+from mad.results import RECORD_NAME, SCHEMA_VERSION, STATUSES
+from mad.tasks import TASKS
+from mad.tasks.grid import BASELINES, mad_settings
+
+__all__ = ["LeaderboardError", "Leaderboard", "build_leaderboard", "load_records", "make_leaderboard", "setting_label"]
+
+FULL_PROFILE = "full"  # the published MAD protocol: its expected settings are the 66 of mad_settings()
+SCORE_COLUMNS = [*TASKS, "average"]
+GRID = ["lr", "weight_decay"]
+ARCH = ["arch", "optimizer"]  # `arch` is the attention name, plus a config hash when variants exist
+KEYS = [*ARCH, "task", "setting"]
+_FIELD_TYPES: dict[str, Any] = {  # the fields every record needs (ok and diverged ones also test_accuracy)
+    "task": str, "setting": dict, "attention": str, "optimizer": str, "lr": numbers.Real, "weight_decay": numbers.Real,
+    "profile": str, "comparable_with_published_mad": bool, "config": dict,
+}  # fmt: skip
+_CONFIG_PARTS = ("attention", "model", "optimizer", "train")  # what defines an architecture, besides lr and wd
+_ROW_COLUMNS = ["path", "status", "task", "setting", "attention", "optimizer", *GRID, "profile", "comparable",
+                "test_accuracy", "body", "opt_config"]  # fmt: skip
+_SETTING_STATS = ["best_accuracy", "best_lr", "best_weight_decay", *(f"runs_{s}" for s in STATUSES), "grid_points_run",
+                  "grid_points_missing", "repeated_runs"]  # fmt: skip
+_HISTORY_KEY = '\n  "history": {'  # the top-level history as write_json_atomically lays it out (indent 2)
+_POOL_MIN_FILES = 200  # below this, starting worker processes costs more than it saves
+_EXAMPLE_PATHS = 3
+_SHORT = {"in_context_recall": "recall", "noisy_in_context_recall": "noisy", "fuzzy_in_context_recall": "fuzzy",
+          "selective_copying": "copy", "compression": "compr.", "memorization": "memo."}  # console headers, 80 columns
+_SHOWN_NAMES = 6  # settings named per note in leaderboard.md and on the console (settings.csv has all)
+
+
+class LeaderboardError(ValueError):
+    """Runs that cannot be turned into a leaderboard; the message says why and what to pass instead."""
+
+
+@dataclass
+class Leaderboard:
+    """Everything the outputs are made of.
+
+    board: one row per architecture (attention, optimizer, the six task scores, average, counts, notes).
+    settings: one row per architecture x setting (best accuracy, its lr and wd, run counts).
+    partial: bool, same index as ``board``, columns the tasks: True where a task score misses some settings.
+    gaps: Muon minus AdamW scores (index: attention label, columns SCORE_COLUMNS); empty if no pair exists.
+    """
+
+    board: pd.DataFrame
+    settings: pd.DataFrame
+    partial: pd.DataFrame
+    gaps: pd.DataFrame
+    shown_notes: list[str]  # the notes of ``board`` naming at most _SHOWN_NAMES settings each
+    runs_dir: Path
+    profile: str
+    comparability: str  # one sentence: comparable with published MAD scores or not, and why
+    status_counts: dict[str, int]
+    ignored: pd.DataFrame  # columns path, reason
+    other_profiles: dict[str, int]  # records skipped because --profile picked another profile
+
+
+def load_records(runs_dir: Path, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every run record under ``runs_dir`` (recursive) as one flat row, and the files that are not valid records.
+
+    Returns ``(records, ignored)``. ``records`` has the columns of ``_ROW_COLUMNS``; ``setting``, ``body`` (the
+    attention, model and train config) and ``opt_config`` (optimizer config without lr and weight decay) are
+    canonical JSON strings, ``test_accuracy`` is NaN where absent. ``ignored`` has columns path, reason.
+    Many files are parsed by ``workers`` processes (default: one per CPU core).
+    """
+    paths = sorted(str(path) for path in Path(runs_dir).rglob(RECORD_NAME))
+    loaded = _map(_load_one, paths, workers or os.cpu_count() or 1)
+    rows = [row for row, _ in loaded if row is not None]
+    ignored = [{"path": p, "reason": reason} for p, (_, reason) in zip(paths, loaded) if reason is not None]
+    return pd.DataFrame(rows, columns=_ROW_COLUMNS), pd.DataFrame(ignored, columns=["path", "reason"])
+
+
+def _map(fn: Callable, items: list, workers: int) -> list:
+    if workers < 2 or len(items) < _POOL_MIN_FILES:
+        return [fn(item) for item in items]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items, chunksize=max(1, len(items) // (4 * workers))))
+
+
+def _load_one(path: str) -> tuple[dict | None, str | None]:
+    """``(row, None)`` for a valid record, ``(None, reason)`` for anything else (reasons group: no paths in them)."""
+    try:
+        record = _parse_without_history(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"unreadable file ({type(e).__name__})"
+    except json.JSONDecodeError:
+        return None, "not valid JSON (corrupt or truncated file)"
+    problem = _record_problem(record) or _field_problem(record)
+    return (None, problem) if problem else (_flatten(record, path), None)
+
+
+def _parse_without_history(text: str) -> Any:
+    """``json.loads(text)`` with the top-level ``history`` replaced by null before parsing.
+
+    The per-epoch history is about 90% of a record and unused here; skipping it makes loading ~8x faster. It is a dict
+    of number lists, so the first ``}`` after its key closes it. Text of any other layout, where the cut does not
+    leave valid JSON, is parsed whole.
+    """
+    start = text.find(_HISTORY_KEY)
+    end = text.find("}", start)
+    if start >= 0 and end >= 0:
+        try:
+            return json.loads(f'{text[:start]}{_HISTORY_KEY[:-1]}null{text[end + 1:]}')
+        except json.JSONDecodeError:
+            pass
+    return json.loads(text)
+
+
+def _record_problem(record: Any) -> str | None:
+    """The checks of ``mad.results.read_record``: a JSON object of the current schema with a known status."""
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA_VERSION:
+        return f"not a run record of schema {SCHEMA_VERSION}"
+    if record.get("status") not in STATUSES:
+        return f"status {record.get('status')!r} is not one of {', '.join(STATUSES)}"
+    return None
+
+
+def _field_problem(record: dict) -> str | None:
+    """Why a record of the right schema and status still cannot be used, or None."""
+    required = [*_FIELD_TYPES, *(["test_accuracy"] if record["status"] != "failed" else [])]
+    missing = [key for key in required if key not in record]
+    config = record.get("config")
+    if isinstance(config, dict):
+        missing += [f"config.{part}" for part in _CONFIG_PARTS if part not in config]
+    if missing:
+        return f"missing field(s): {', '.join(missing)}"
+    wrong = [key for key, kind in _FIELD_TYPES.items() if not isinstance(record[key], kind)]
+    if isinstance(config, dict):
+        wrong += [f"config.{part}" for part in _CONFIG_PARTS if not isinstance(config[part], dict)]
+    if wrong:
+        return f"field(s) of the wrong type: {', '.join(wrong)}"
+    if record["task"] not in TASKS:
+        return f"unknown task {record['task']!r} (valid: {', '.join(TASKS)})"
+    accuracy = record.get("test_accuracy")
+    if record["status"] == "ok" and not (_is_number(accuracy) and 0.0 <= accuracy <= 1.0):
+        return "status ok without a finite test_accuracy in [0, 1]"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _flatten(record: dict, path: str) -> dict:
+    """The few fields the leaderboard needs; history and the rest of the record are dropped here."""
+    config = record["config"]
+    accuracy = record.get("test_accuracy")
+    return {
+        "path": path,
+        "status": record["status"],
+        "task": record["task"],
+        "setting": _canonical(record["setting"]),
+        "attention": record["attention"],
+        "optimizer": record["optimizer"],
+        "lr": float(record["lr"]),
+        "weight_decay": float(record["weight_decay"]),
+        "profile": record["profile"],
+        "comparable": record["comparable_with_published_mad"],
+        "test_accuracy": float(accuracy) if _is_number(accuracy) else math.nan,
+        "body": _canonical({part: config[part] for part in ("attention", "model", "train")}),
+        "opt_config": _canonical({k: v for k, v in config["optimizer"].items() if k not in GRID}),
+    }
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _select_profile(records: pd.DataFrame, profile: str | None, runs_dir: Path) -> tuple[pd.DataFrame, str]:
+    counts = records["profile"].value_counts()
+    found = ", ".join(f"{name} ({n} records)" for name, n in counts.items())
+    if profile is None and len(counts) > 1:
+        raise LeaderboardError(
+            f"{runs_dir} mixes records of several profiles: {found}. Scores of different profiles are not "
+            f"comparable; pass --profile NAME (profile=NAME from Python) to pick one."
+        )
+    profile = counts.index[0] if profile is None else profile
+    if profile not in counts:
+        raise LeaderboardError(f"no record of profile {profile!r} in {runs_dir}; profiles found: {found}")
+    return records[records["profile"] == profile], profile
+
+
+def setting_label(task: str, setting: dict) -> str:
+    """``baseline``, or ``key=value`` (comma-joined) for each key that differs from the task's MAD baseline.
+
+    ``num_test_examples`` is left out: MAD keeps it at 1280 in every setting.
+    """
+    base = BASELINES[task]
+    keys = [key for key in {**base, **setting} if key != "num_test_examples"]
+    return ",".join(f"{key}={setting.get(key)}" for key in keys if setting.get(key) != base.get(key)) or "baseline"
+
+
+def _architectures(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per architecture: attention, optimizer, body, opt_config, arch (label) and variant (a note or "").
+
+    Records of one attention x optimizer whose config differs get the attention name plus a short stable hash of
+    that config, e.g. ``parallax[3f2a]``; the common case of a single config keeps the plain name.
+    """
+    archs = records[["attention", "optimizer", "body", "opt_config"]].drop_duplicates().reset_index(drop=True)
+    digests = [_digest(body + opt) for body, opt in zip(archs["body"], archs["opt_config"])]
+    width = 4
+    while len({d[:width] for d in digests}) < len(set(digests)):
+        width += 1
+    variants = archs.groupby(["attention", "optimizer"])["body"].transform("size")
+    archs["arch"] = [a if n == 1 else f"{a}[{d[:width]}]" for a, n, d in zip(archs["attention"], variants, digests)]
+    archs["variant"] = _variant_notes(archs)
+    return archs
+
+
+def _variant_notes(archs: pd.DataFrame) -> list[str]:
+    """For each architecture with siblings of the same attention x optimizer: the config values that tell them apart."""
+    configs = [{**json.loads(body), "optimizer": json.loads(opt)} for body, opt in zip(archs.body, archs.opt_config)]
+    flat = [dict(_flatten_dict(config)) for config in configs]
+    notes = [""] * len(archs)
+    for _, group in archs.groupby(["attention", "optimizer"]):
+        if len(group) < 2:
+            continue
+        members = [flat[i] for i in group.index]
+        keys = sorted({k for m in members for k in m if len({json.dumps(o.get(k)) for o in members}) > 1})
+        for i in group.index:
+            notes[i] = "config variant: " + ", ".join(f"{k}={flat[i].get(k)}" for k in keys)
+    return notes
+
+
+def _flatten_dict(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten_dict(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _expected_settings(records: pd.DataFrame, profile: str) -> pd.DataFrame:
+    """Settings a complete sweep covers (columns task, setting): the 66 MAD settings for the full profile, else
+    every setting seen in the runs, in task order."""
+    if profile == FULL_PROFILE:
+        pairs = [(task, _canonical(setting)) for task, setting in mad_settings()]
+        pairs.sort(key=lambda pair: TASKS.index(pair[0]))  # stable: keeps the grid order within a task
+    else:
+        pairs = sorted(set(zip(records["task"], records["setting"])), key=lambda p: (TASKS.index(p[0]), p[1]))
+    return pd.DataFrame(pairs, columns=["task", "setting"])
+
+
+def _setting_table(records: pd.DataFrame, archs: pd.DataFrame, expected: pd.DataFrame, grid_size: int) -> pd.DataFrame:
+    """One row per architecture x setting: every expected setting, plus any other setting that was run
+    (``in_grid`` False). Best accuracy with its lr and wd, run counts per status, grid points run and missing."""
+    counts = (
+        records.groupby([*KEYS, "status"]).size().unstack("status", fill_value=0)
+        .reindex(columns=list(STATUSES), fill_value=0).add_prefix("runs_")
+    )  # fmt: skip
+    ok = records[records["status"] == "ok"].sort_values([*GRID, "path"])  # ties go to the smallest lr, then wd
+    best = ok.loc[ok.groupby(KEYS)["test_accuracy"].idxmax(), [*KEYS, "test_accuracy", *GRID]].set_index(KEYS)
+    best.columns = ["best_accuracy", "best_lr", "best_weight_decay"]
+    done = records[records["status"] != "failed"]
+    points = done.drop_duplicates([*KEYS, *GRID]).groupby(KEYS).size().rename("grid_points_run")
+    repeats = (done.groupby(KEYS).size() - points).rename("repeated_runs")
+    stats = counts.join([best, points, repeats]).reset_index()
+    table = archs[ARCH].merge(expected, how="cross").merge(stats, on=KEYS, how="outer", indicator=True)
+    table["in_grid"] = table.pop("_merge") != "right_only"
+    int_columns = [*counts.columns, "grid_points_run", "repeated_runs"]
+    table[int_columns] = table[int_columns].fillna(0).astype(int)
+    table["grid_points_missing"] = grid_size - table["grid_points_run"]
+    rank = {pair: i for i, pair in enumerate(zip(expected["task"], expected["setting"]))}
+    table["_task"] = table["task"].map(TASKS.index)
+    table["_rank"] = [rank.get(pair, len(rank)) for pair in zip(table["task"], table["setting"])]
+    table = table.sort_values([*ARCH, "_task", "_rank", "setting"]).drop(columns=["_task", "_rank"])
+    return _describe_settings(table.reset_index(drop=True))
+
+
+def _describe_settings(table: pd.DataFrame) -> pd.DataFrame:
+    """Replaces the canonical ``setting`` JSON by a readable label, a short id and one column per setting key."""
+    settings = [json.loads(s) for s in table["setting"]]
+    table["setting_label"] = [setting_label(task, setting) for task, setting in zip(table["task"], settings)]
+    table["setting_id"] = [_digest(f"{task}/{text}")[:8] for task, text in zip(table["task"], table["setting"])]
+    keys = pd.DataFrame(settings, index=table.index).convert_dtypes()  # integer keys stay integers beside NaN
+    known = list(dict.fromkeys(key for task in TASKS for key in BASELINES[task])) + ["num_test_examples"]
+    keys = keys[[k for k in known if k in keys] + sorted(set(keys) - set(known))]
+    front = table[[*ARCH, "task", "setting_label", "setting_id", "in_grid"]]
+    return pd.concat([front, keys, table[_SETTING_STATS]], axis=1)
+
+
+def _scores(settings: pd.DataFrame, archs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per architecture (index arch, optimizer): the task scores and their average, and which task scores are partial.
+
+    A task score is the mean best accuracy over its in-grid settings that have one (a setting whose runs all
+    diverged or are missing drops out, as in MAD); NaN when none has. The average is NaN when any task is.
+    """
+    index = pd.MultiIndex.from_frame(archs[ARCH])
+    grid = settings[settings["in_grid"]].groupby([*ARCH, "task"])["best_accuracy"]
+    scores = grid.mean().unstack("task").reindex(index=index, columns=list(TASKS))
+    scores["average"] = scores[list(TASKS)].mean(axis=1, skipna=False)
+    partial = (grid.count() < grid.size()).unstack("task").reindex(index=index, columns=list(TASKS))
+    return scores, partial.eq(True)  # a task without any in-grid row (NaN) is not partial but absent
+
+
+def _notes(rows: pd.DataFrame, grid_size: int, variant: str, limit: int | None) -> str:
+    """What a reader must know about one architecture's score; ``rows``: its rows of the settings table."""
+    grid = rows[rows["in_grid"]]
+    missing = grid[grid["best_accuracy"].isna()]
+    diverged = grid[grid["runs_diverged"] > 0]
+    outside = rows[~rows["in_grid"]]
+    unscored = [task for task in TASKS if not grid.loc[grid["task"] == task, "best_accuracy"].notna().any()]
+    points = f"of {len(grid) * grid_size} grid points (setting x lr x wd) not run"
+    notes = [
+        _listing(f"{len(missing)} setting(s) missing", missing, limit, grid),
+        _listing(f"{len(diverged)} setting(s) with diverged runs", diverged, limit),
+        f"no average: no score for {', '.join(unscored)}" if unscored else "",
+        _count(int(grid["grid_points_missing"].sum()), points),
+        _count(int(rows["runs_failed"].sum()), "failed run(s), not scored"),
+        _count(int(rows["repeated_runs"].sum()), "repeated run(s) of a grid point (the best one counts)"),
+        _listing(f"{len(outside)} setting(s) outside the MAD grid, not scored", outside, limit),
+        variant,
+    ]  # fmt: skip
+    return "; ".join(note for note in notes if note)
+
+
+def _listing(summary: str, rows: pd.DataFrame, limit: int | None, grid: pd.DataFrame | None = None) -> str:
+    """``summary: task/label, ...``; a task whose ``grid`` settings are all listed shows as ``task/all N``."""
+    if rows.empty:
+        return ""
+    names = []
+    for task, group in rows.groupby("task", sort=False):
+        total = 0 if grid is None else int((grid["task"] == task).sum())
+        whole = len(group) == total > 1
+        names += [f"{task}/all {total}"] if whole else [f"{task}/{label}" for label in group["setting_label"]]
+    shown = names[:limit]
+    more = f", ... (+{len(names) - len(shown)} more in settings.csv)" if len(shown) < len(names) else ""
+    return f"{summary}: {', '.join(shown)}{more}"
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n else ""
+
+
+def _board(settings: pd.DataFrame, archs: pd.DataFrame, scores: pd.DataFrame, grid_size: int) -> pd.DataFrame:
+    """One row per architecture, best average first; ``notes`` names every setting, ``shown_notes`` a few."""
+    rows = []
+    for arch in archs.itertuples():
+        mine = settings[(settings["arch"] == arch.arch) & (settings["optimizer"] == arch.optimizer)]
+        in_grid = mine[mine["in_grid"]]
+        rows.append({
+            "attention": arch.arch,
+            "optimizer": arch.optimizer,
+            **scores.loc[(arch.arch, arch.optimizer)].to_dict(),
+            "settings_scored": int(in_grid["best_accuracy"].notna().sum()),
+            "settings_expected": len(in_grid),
+            **{f"runs_{status}": int(mine[f"runs_{status}"].sum()) for status in STATUSES},
+            "notes": _notes(mine, grid_size, arch.variant, limit=None),
+            "shown_notes": _notes(mine, grid_size, arch.variant, limit=_SHOWN_NAMES),
+        })  # fmt: skip
+    board = pd.DataFrame(rows)
+    board = board.sort_values(["average", "attention", "optimizer"], ascending=[False, True, True], na_position="last")
+    return board.reset_index(drop=True)
+
+
+def _muon_gaps(board: pd.DataFrame, archs: pd.DataFrame) -> pd.DataFrame:
+    """Muon minus AdamW scores (index: the Muon row's attention label, columns SCORE_COLUMNS), for each Muon
+    architecture whose attention, model and train config match exactly one AdamW architecture."""
+    scores = board.set_index(["attention", "optimizer"])[SCORE_COLUMNS]
+    adamw = archs[archs["optimizer"] == "adamw"]
+    gaps = {}
+    for muon in archs[archs["optimizer"] == "muon"].itertuples():
+        partner = adamw[(adamw["attention"] == muon.attention) & (adamw["body"] == muon.body)]
+        if len(partner) == 1:
+            gaps[muon.arch] = scores.loc[(muon.arch, "muon")] - scores.loc[(partner["arch"].iloc[0], "adamw")]
+    return pd.DataFrame.from_dict(gaps, orient="index", columns=SCORE_COLUMNS).sort_index()
+
+
+def _comparability(selected: pd.DataFrame, profile: str) -> str:
+    flagged = int((~selected["comparable"].astype(bool)).sum())
+    if profile == FULL_PROFILE and not flagged:
+        return "Comparable with published MAD scores: **yes** (profile full, the published MAD protocol)."
+    why = f"{flagged} of {len(selected)} records are marked not comparable" if flagged else "not the full protocol"
+    return f"Comparable with published MAD scores: **no** (profile {profile}: {why})."
+
+
+def build_leaderboard(runs_dir: Path, profile: str | None = None) -> Leaderboard:
+    """Load and aggregate the records under ``runs_dir``; raises LeaderboardError (a ValueError) when impossible."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise LeaderboardError(f"runs directory {runs_dir} does not exist; pass the folder that holds the run folders")
+    records, ignored = load_records(runs_dir)
+    if records.empty:
+        reasons = "; ".join(_reason_lines(ignored, runs_dir))
+        raise LeaderboardError(
+            f"no valid run record ({RECORD_NAME}) under {runs_dir}" + (f"; ignored {reasons}" if reasons else "")
+        )
+    selected, profile = _select_profile(records, profile, runs_dir)
+    archs = _architectures(selected)
+    selected = selected.merge(archs[["attention", "optimizer", "body", "opt_config", "arch"]])
+    grid_size = len(selected[GRID].drop_duplicates())  # expected lr x wd points: the union of those seen
+    settings = _setting_table(selected, archs, _expected_settings(selected, profile), grid_size)
+    scores, partial = _scores(settings, archs)
+    board = _board(settings, archs, scores, grid_size)
+    return Leaderboard(
+        board=board.drop(columns="shown_notes"),
+        settings=settings.rename(columns={"arch": "attention"}),
+        partial=partial.reindex(pd.MultiIndex.from_frame(board[["attention", "optimizer"]])),
+        gaps=_muon_gaps(board, archs),
+        shown_notes=board["shown_notes"].tolist(),
+        runs_dir=runs_dir,
+        profile=profile,
+        comparability=_comparability(selected, profile),
+        status_counts=selected["status"].value_counts().reindex(list(STATUSES), fill_value=0).to_dict(),
+        ignored=ignored,
+        other_profiles=records.loc[records["profile"] != profile, "profile"].value_counts().to_dict(),
+    )
+
+
+def _reason_lines(ignored: pd.DataFrame, runs_dir: Path) -> list[str]:
+    """One line per reason: count, reason and a few example paths (relative to the runs dir)."""
+    lines = []
+    for reason, group in ignored.groupby("reason"):
+        examples = [os.path.relpath(p, runs_dir) for p in group["path"].head(_EXAMPLE_PATHS)]
+        more = ", ..." if len(group) > len(examples) else ""
+        lines.append(f"{len(group)} x {reason} (e.g. {', '.join(examples)}{more})")
+    return lines
+
+
+def _cells(lb: Leaderboard) -> list[list[tuple[str, str, bool]]]:
+    """Per board row and score column: the three-decimal value (``—`` for no score), ``*`` when the task score is
+    partial (else ""), and whether the value is the column's best."""
+    best = lb.board[SCORE_COLUMNS].max()
+    rows = []
+    for (_, row), (_, partial) in zip(lb.board.iterrows(), lb.partial.iterrows()):
+        cells = []
+        for column in SCORE_COLUMNS:
+            value, star = row[column], "*" if partial.get(column, False) else ""
+            cells.append(("—", "", False) if math.isnan(value) else (f"{value:.3f}", star, value == best[column]))
+        rows.append(cells)
+    return rows
+
+
+def _record_line(lb: Leaderboard) -> str:
+    counts = ", ".join(f"{n} {status}" for status, n in lb.status_counts.items())
+    others = ", ".join(f"{n} of profile {name}" for name, n in lb.other_profiles.items())
+    return (f"records: {sum(lb.status_counts.values())} used ({counts}; failed runs are never scored), "
+            f"{len(lb.ignored)} ignored as invalid" + (f", {others} skipped" if others else ""))  # fmt: skip
+
+
+def _markdown(lb: Leaderboard, plot_note: str) -> str:
+    lines = [
+        f"# MAD leaderboard: {lb.runs_dir.resolve().name}", "",
+        f"- profile: `{lb.profile}`", f"- {lb.comparability}", f"- source: `{lb.runs_dir}`", f"- {_record_line(lb)}",
+        "- score: per setting the best test accuracy (MAD macro accuracy) over the lr x weight-decay runs; task = mean"
+        " over its settings; average = plain mean of the six tasks; fractions in [0, 1].", "",
+        "| attention | optimizer | " + " | ".join(SCORE_COLUMNS) + " |", "|---|---|" + "---:|" * len(SCORE_COLUMNS),
+    ]  # fmt: skip
+    for row, cells in zip(lb.board.itertuples(), _cells(lb)):
+        values = [(f"**{text}**" if best else text) + star.replace("*", r"\*") for text, star, best in cells]
+        lines.append(f"| {row.attention} | {row.optimizer} | " + " | ".join(values) + " |")
+    lines += ["", "Best per column in bold. `*`: mean over fewer settings than expected (see notes). `—`: no score."]
+    lines += ["", "## Notes", ""]
+    for row, note in zip(lb.board.itertuples(), lb.shown_notes):
+        lines.append(f"- **{row.attention} + {row.optimizer}**: {note or 'complete'}")
+    if len(lb.ignored):
+        lines += ["", "## Ignored files", ""] + [f"- {line}" for line in _reason_lines(lb.ignored, lb.runs_dir)]
+    return "\n".join([*lines, "", "## Plots", "", f"- {plot_note}", ""])
+
+
+def _write_plots(lb: Leaderboard, out_dir: Path) -> tuple[list[Path], str]:
+    scores = lb.board.set_index(lb.board["attention"] + " + " + lb.board["optimizer"])[SCORE_COLUMNS]
+    written = [plots.heatmap(scores, out_dir / "heatmap.png")]
+    if lb.gaps.empty:
+        return written, "heatmap.png; muon_gap.png skipped: no attention has runs with both adamw and muon"
+    written.append(plots.muon_gap(lb.gaps, out_dir / "muon_gap.png"))
+    return written, "heatmap.png, muon_gap.png (Muon minus AdamW score per attention and task)"
+
+
+def write_outputs(lb: Leaderboard, out_dir: Path) -> tuple[list[Path], str]:
+    """Writes leaderboard.md/.csv, settings.csv and the plots; returns the paths and a line about the plots."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lb.board.to_csv(out_dir / "leaderboard.csv", index=False)
+    lb.settings.to_csv(out_dir / "settings.csv", index=False)
+    plot_paths, plot_note = _write_plots(lb, out_dir)
+    (out_dir / "leaderboard.md").write_text(_markdown(lb, plot_note))
+    return [out_dir / "leaderboard.md", out_dir / "leaderboard.csv", out_dir / "settings.csv", *plot_paths], plot_note
+
+
+def print_leaderboard(lb: Leaderboard, written: list[Path], plot_note: str, console: Console) -> None:
+    """The table (best per column in bold green), then the notes, the ignored files and where the outputs went."""
+    title = escape(f"MAD leaderboard: {lb.runs_dir.resolve().name} (profile {lb.profile})")
+    caption = ", ".join(f"{short}: {name}" for name, short in _SHORT.items())
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
+    table.add_column("attention", no_wrap=True)
+    table.add_column("optimizer", no_wrap=True)
+    for column in SCORE_COLUMNS:
+        table.add_column(_SHORT.get(column, column), justify="right", no_wrap=True)
+    for row, cells in zip(lb.board.itertuples(), _cells(lb)):
+        values = [(f"[bold green]{text}[/bold green]" if best else text) + star for text, star, best in cells]
+        table.add_row(escape(row.attention), escape(row.optimizer), *values)
+    console.print(table)
+    console.print(escape(lb.comparability.replace("**", "")))
+    console.print(escape(_record_line(lb)))
+    for row, note in zip(lb.board.itertuples(), lb.shown_notes):
+        if note:
+            console.print(f"[yellow]{escape(row.attention)} + {escape(row.optimizer)}:[/yellow] {escape(note)}")
+    for line in _reason_lines(lb.ignored, lb.runs_dir):
+        console.print(f"[yellow]ignored:[/yellow] {escape(line)}")
+    console.print(escape(f"plots: {plot_note}"))
+    console.print("wrote " + ", ".join(escape(str(path)) for path in written))
+
+
+def make_leaderboard(
+    runs_dir: Path, out_dir: Path | None = None, profile: str | None = None, console: Console | None = None
+) -> pd.DataFrame:
+    """Aggregate the run records under ``runs_dir``, write every output to ``out_dir`` and print the leaderboard.
+
+    Args:
+        runs_dir (Path): searched recursively for ``result.json`` records.
+        out_dir (Path, Optional): where outputs go. Default: ``analysis/<name of runs_dir>`` under the current dir.
+        profile (str, Optional): keep only records of this profile; required when several profiles are present.
+        console (rich.console.Console, Optional): where the table is printed. Default: a new stdout console.
+
+    Returns the leaderboard table: one row per architecture, columns attention, optimizer, the six tasks, average
+    (NaN when a task has no score), settings_scored, settings_expected, runs_ok/diverged/failed and notes.
+    Raises LeaderboardError (a ValueError) when runs_dir is missing, holds no valid record or mixes profiles.
+    """
+    runs_dir = Path(runs_dir)
+    out_dir = Path(out_dir) if out_dir is not None else Path("analysis") / runs_dir.resolve().name
+    lb = build_leaderboard(runs_dir, profile)
+    written, plot_note = write_outputs(lb, out_dir)
+    print_leaderboard(lb, written, plot_note, console or Console())
+    return lb.board
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mad.leaderboard", description=__doc__.splitlines()[0])
+    parser.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", help="folder searched recursively for result.json")
+    parser.add_argument("--out", type=Path, help="output folder (default: analysis/<name of RUNS_DIR>)")
+    parser.add_argument("--profile", help="use only records of this profile (e.g. full, smoke)")
+    args = parser.parse_args(argv)
+    try:
+        make_leaderboard(args.runs_dir, args.out, args.profile)
+    except LeaderboardError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

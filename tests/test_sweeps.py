@@ -1,0 +1,139 @@
+"""Multiruns through `python -m mad.run -m`: presets, resume after kill -9, parallel launchers, GPU slots."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mad.devices import try_lease
+from mad.setting_configs import CONF_DIR, expected_files
+from tests.conftest import REPO, records_under
+
+TINY = ["profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
+        "task.seq_len=16", "train.epochs=1"]  # fmt: skip
+GRID_2x2 = ["attention=softmax,parallax", "optimizer=adamw,muon"]
+
+
+def test_mad_setting_configs_are_up_to_date():
+    assert {p.name: p.read_text() for p in CONF_DIR.glob("*.yaml")} == expected_files()
+    assert len(expected_files()) == 66
+
+
+def test_mad_preset_dry_run_lists_the_grid_of_every_setting(cli, tmp_path):
+    # The preset sweeps glob(*) over the 66 settings (checked above); one task's 11 keep the test quick.
+    proc = cli(["-m", "+sweep=mad", "attention=softmax", "optimizer=adamw", "mad_setting=glob(in_context_recall__*)",
+                "dry_run=true", "hydra.sweep.dir=sweep"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("to run: ") == 11 * 6
+    assert "66 runs: 66 to run" in proc.stdout
+    assert not list(tmp_path.rglob("result.json"))  # a dry run trains nothing
+
+
+def test_unknown_sweep_preset_names_the_choices(cli):
+    proc = cli(["-m", "+sweep=nope", *TINY])
+    assert proc.returncode != 0 and "Could not find 'sweep/nope'" in proc.stderr
+    assert "mad" in proc.stderr and "smoke" in proc.stderr
+
+
+def test_multirun_2x2_then_leaderboard(cli, tmp_path):
+    proc = cli(["-m", *GRID_2x2, *TINY, "hydra.sweep.dir=sweep"])
+    assert proc.returncode == 0, proc.stderr
+    records = records_under(tmp_path / "sweep")
+    assert sorted((r["attention"], r["optimizer"], r["status"]) for r in records) == [
+        ("parallax", "adamw", "ok"), ("parallax", "muon", "ok"), ("softmax", "adamw", "ok"), ("softmax", "muon", "ok")]
+    assert "4 runs: 4 ran now: ok" in proc.stdout
+    board = cli(["sweep", "--out", "board"], module="mad.leaderboard")
+    assert board.returncode == 0, board.stderr
+    assert (tmp_path / "board" / "leaderboard.md").exists()
+
+
+def test_relaunch_skips_finished_runs_and_force_redoes_them(cli, tmp_path):
+    args = ["-m", "attention=softmax", "optimizer=adamw,muon", *TINY, "hydra.sweep.dir=sweep", "hydra.sweep.subdir=${optimizer.name}"]
+    assert cli(args).returncode == 0
+    first = {r["optimizer"]: r["started_at"] + r["finished_at"] for r in records_under(tmp_path / "sweep")}
+    again = cli(args)
+    assert again.stdout.count("already finished (ok), skipped") == 2 and "2 runs: 2 already finished" in again.stdout
+    assert {r["optimizer"]: r["started_at"] + r["finished_at"] for r in records_under(tmp_path / "sweep")} == first
+    dry = cli([*args, "dry_run=true"])
+    assert dry.stdout.count("done: ") == 2
+    time.sleep(1.1)  # timestamps in records have one-second resolution
+    forced = cli([*args, "force=true"])
+    assert "2 ran now: ok" in forced.stdout
+    assert all(r["started_at"] + r["finished_at"] != first[r["optimizer"]] for r in records_under(tmp_path / "sweep"))
+
+
+def test_a_finished_record_of_another_config_is_never_overwritten(cli, tmp_path):
+    assert cli([*TINY, "hydra.run.dir=run"]).returncode == 0
+    before = (tmp_path / "run" / "result.json").read_text()
+    proc = cli([*TINY, "attention=parallax", "hydra.run.dir=run"])
+    assert proc.returncode != 0 and "already holds a finished run of a different config" in proc.stderr
+    assert (tmp_path / "run" / "result.json").read_text() == before
+
+
+def test_resume_after_kill_9_redoes_only_unfinished_runs(tmp_path):
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "mad.run", "-m", "optimizer.lr=1e-4,2e-4,3e-4,4e-4", *TINY, "hydra.sweep.dir=sweep",
+            "hydra.sweep.subdir=${optimizer.lr}"]  # fmt: skip
+    sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while len(list((tmp_path / "sweep").rglob("result.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    survivors = {p.parent.name: p.read_text() for p in (tmp_path / "sweep").rglob("result.json")}
+    assert 2 <= len(survivors) < 4
+    for text in survivors.values():
+        assert json.loads(text)["status"] == "ok"  # a kill never leaves a partial record
+    resumed = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.count("already finished (ok), skipped") == len(survivors)
+    final = {p.parent.name: p.read_text() for p in (tmp_path / "sweep").rglob("result.json")}
+    assert len(final) == 4 and all(final[name] == text for name, text in survivors.items())
+
+
+def test_two_concurrent_joblib_workers(cli, tmp_path):
+    proc = cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer=adamw,muon", *TINY,
+                "hydra.sweep.dir=sweep"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    records = records_under(tmp_path / "sweep")
+    assert sorted(r["optimizer"] for r in records) == ["adamw", "muon"] and {r["status"] for r in records} == {"ok"}
+
+
+def test_submitit_local_launcher(cli, tmp_path):
+    proc = cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "optimizer=adamw,muon", *TINY,
+                "hydra.sweep.dir=sweep"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["optimizer"] for r in records_under(tmp_path / "sweep")) == ["adamw", "muon"]
+
+
+def test_slurm_launcher_config_composes(cli):
+    proc = cli(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", *TINY, "--cfg", "hydra", "-p", "hydra.launcher"])
+    assert proc.returncode == 0, proc.stderr
+    assert "submitit_launcher.SlurmLauncher" in proc.stdout
+    assert "partition: gpu" in proc.stdout and "gpus_per_node: 1" in proc.stdout
+
+
+def test_gpu_slots_spread_runs_over_gpus_first(tmp_path):
+    leases = [try_lease(num_devices=2, slots_per_device=2, lock_dir=tmp_path) for _ in range(4)]
+    assert [(lease.device_index, lease.slot) for lease in leases] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert try_lease(num_devices=2, slots_per_device=2, lock_dir=tmp_path) is None
+    leases[1].release()
+    again = try_lease(num_devices=2, slots_per_device=2, lock_dir=tmp_path)
+    assert (again.device_index, again.slot) == (1, 0)
+
+
+def test_gpu_slot_is_released_when_its_process_dies(tmp_path):
+    code = ("import sys, time; from pathlib import Path; from mad.devices import try_lease; "
+            "l = try_lease(1, 1, Path(sys.argv[1])); print(l.device_index, flush=True); time.sleep(60)")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=os.environ | {"PYTHONPATH": str(REPO)})  # fmt: skip
+    assert holder.stdout.readline().strip() == "0"
+    assert try_lease(1, 1, tmp_path) is None
+    holder.kill()
+    holder.wait()
+    assert try_lease(1, 1, tmp_path) is not None

@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-TORCH_CPU := torch==2.13.0
+TORCH_CPU := torch==2.13.0 triton==3.7.1   # triton 3.7.1 is CUDA torch 2.13.0's pin; it imports on CPU
 
 .PHONY: demo test clean-venv
 

@@ -29,6 +29,7 @@ def check_config(cfg: dict) -> None:
     _check_model(cfg["model"], cfg["attention"])
     _check_optimizer(cfg["optimizer"])
     _check_train(cfg["train"])
+    _check_launch(cfg["launch"])
 
 
 def _check_task(task: dict) -> None:
@@ -71,17 +72,20 @@ def _check_optimizer(opt: dict) -> None:
 def _check_train(train: dict) -> None:
     _positive_int("train.epochs", train["epochs"])
     _positive_int("train.batch_size", train["batch_size"])
-    _positive_int("train.runs_per_gpu", train["runs_per_gpu"])
     if train["precision"] not in PRECISIONS:
         raise ConfigError(f"unknown train.precision {train['precision']!r}; allowed: {', '.join(PRECISIONS)}")
-    device = str(train["device"])
+
+
+def _check_launch(launch: dict) -> None:
+    _positive_int("launch.runs_per_gpu", launch["runs_per_gpu"])
+    device = str(launch["device"])
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device} but CUDA is not available here; use train.device=auto or cpu")
+        raise ConfigError(f"launch.device={device} but CUDA is not available here; use launch.device=auto or cpu")
     if device != "auto":
         try:
             torch.device(device)
         except RuntimeError as e:
-            raise ConfigError(f"train.device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+            raise ConfigError(f"launch.device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
 
 
 def _positive_int(name: str, value) -> None:

@@ -16,13 +16,11 @@ import argparse
 import hashlib
 import json
 import math
-import numbers
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pandas as pd
 from rich import box
@@ -31,28 +29,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from mad import plots
-from mad.results import RECORD_NAME, SCHEMA_VERSION, STATUSES
+from mad.records import GRID, canonical, load_records
+from mad.results import RECORD_NAME, STATUSES
 from mad.tasks import TASKS
 from mad.tasks.grid import BASELINES, mad_settings
 
-__all__ = ["LeaderboardError", "Leaderboard", "build_leaderboard", "load_records", "make_leaderboard", "setting_label"]
+__all__ = ["LeaderboardError", "Leaderboard", "build_leaderboard", "make_leaderboard", "setting_label"]
 
 FULL_PROFILE = "full"  # the published MAD protocol: its expected settings are the 66 of mad_settings()
 SCORE_COLUMNS = [*TASKS, "average"]
-GRID = ["lr", "weight_decay"]
 ARCH = ["arch", "optimizer"]  # `arch` is the attention name, plus a config hash when variants exist
 KEYS = [*ARCH, "task", "setting"]
-_FIELD_TYPES: dict[str, Any] = {  # the fields every record needs (ok and diverged ones also test_accuracy)
-    "task": str, "setting": dict, "attention": str, "optimizer": str, "lr": numbers.Real, "weight_decay": numbers.Real,
-    "profile": str, "comparable_with_published_mad": bool, "config": dict,
-}  # fmt: skip
-_CONFIG_PARTS = ("attention", "model", "optimizer", "train")  # what defines an architecture, besides lr and wd
-_ROW_COLUMNS = ["path", "status", "task", "setting", "attention", "optimizer", *GRID, "profile", "comparable",
-                "test_accuracy", "body", "opt_config"]  # fmt: skip
 _SETTING_STATS = ["best_accuracy", "best_lr", "best_weight_decay", *(f"runs_{s}" for s in STATUSES), "grid_points_run",
                   "grid_points_missing", "repeated_runs"]  # fmt: skip
-_HISTORY_KEY = '\n  "history": {'  # the top-level history as write_json_atomically lays it out (indent 2)
-_POOL_MIN_FILES = 200  # below this, starting worker processes costs more than it saves
 _EXAMPLE_PATHS = 3
 _SHORT = {"in_context_recall": "recall", "noisy_in_context_recall": "noisy", "fuzzy_in_context_recall": "fuzzy",
           "selective_copying": "copy", "compression": "compr.", "memorization": "memo."}  # console headers, 80 columns
@@ -84,117 +73,6 @@ class Leaderboard:
     status_counts: dict[str, int]
     ignored: pd.DataFrame  # columns path, reason
     other_profiles: dict[str, int]  # records skipped because --profile picked another profile
-
-
-def load_records(runs_dir: Path, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every run record under ``runs_dir`` (recursive) as one flat row, and the files that are not valid records.
-
-    Returns ``(records, ignored)``. ``records`` has the columns of ``_ROW_COLUMNS``; ``setting``, ``body`` (the
-    attention, model and train config) and ``opt_config`` (optimizer config without lr and weight decay) are
-    canonical JSON strings, ``test_accuracy`` is NaN where absent. ``ignored`` has columns path, reason.
-    Many files are parsed by ``workers`` processes (default: one per CPU core).
-    """
-    paths = sorted(str(path) for path in Path(runs_dir).rglob(RECORD_NAME))
-    loaded = _map(_load_one, paths, workers or os.cpu_count() or 1)
-    rows = [row for row, _ in loaded if row is not None]
-    ignored = [{"path": p, "reason": reason} for p, (_, reason) in zip(paths, loaded) if reason is not None]
-    return pd.DataFrame(rows, columns=_ROW_COLUMNS), pd.DataFrame(ignored, columns=["path", "reason"])
-
-
-def _map(fn: Callable, items: list, workers: int) -> list:
-    if workers < 2 or len(items) < _POOL_MIN_FILES:
-        return [fn(item) for item in items]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, items, chunksize=max(1, len(items) // (4 * workers))))
-
-
-def _load_one(path: str) -> tuple[dict | None, str | None]:
-    """``(row, None)`` for a valid record, ``(None, reason)`` for anything else (reasons group: no paths in them)."""
-    try:
-        record = _parse_without_history(Path(path).read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        return None, f"unreadable file ({type(e).__name__})"
-    except json.JSONDecodeError:
-        return None, "not valid JSON (corrupt or truncated file)"
-    problem = _record_problem(record) or _field_problem(record)
-    return (None, problem) if problem else (_flatten(record, path), None)
-
-
-def _parse_without_history(text: str) -> Any:
-    """``json.loads(text)`` with the top-level ``history`` replaced by null before parsing.
-
-    The per-epoch history is about 90% of a record and unused here; skipping it makes loading ~8x faster. It is a dict
-    of number lists, so the first ``}`` after its key closes it. Text of any other layout, where the cut does not
-    leave valid JSON, is parsed whole.
-    """
-    start = text.find(_HISTORY_KEY)
-    end = text.find("}", start)
-    if start >= 0 and end >= 0:
-        try:
-            return json.loads(f'{text[:start]}{_HISTORY_KEY[:-1]}null{text[end + 1:]}')
-        except json.JSONDecodeError:
-            pass
-    return json.loads(text)
-
-
-def _record_problem(record: Any) -> str | None:
-    """The checks of ``mad.results.read_record``: a JSON object of the current schema with a known status."""
-    if not isinstance(record, dict) or record.get("schema") != SCHEMA_VERSION:
-        return f"not a run record of schema {SCHEMA_VERSION}"
-    if record.get("status") not in STATUSES:
-        return f"status {record.get('status')!r} is not one of {', '.join(STATUSES)}"
-    return None
-
-
-def _field_problem(record: dict) -> str | None:
-    """Why a record of the right schema and status still cannot be used, or None."""
-    required = [*_FIELD_TYPES, *(["test_accuracy"] if record["status"] != "failed" else [])]
-    missing = [key for key in required if key not in record]
-    config = record.get("config")
-    if isinstance(config, dict):
-        missing += [f"config.{part}" for part in _CONFIG_PARTS if part not in config]
-    if missing:
-        return f"missing field(s): {', '.join(missing)}"
-    wrong = [key for key, kind in _FIELD_TYPES.items() if not isinstance(record[key], kind)]
-    if isinstance(config, dict):
-        wrong += [f"config.{part}" for part in _CONFIG_PARTS if not isinstance(config[part], dict)]
-    if wrong:
-        return f"field(s) of the wrong type: {', '.join(wrong)}"
-    if record["task"] not in TASKS:
-        return f"unknown task {record['task']!r} (valid: {', '.join(TASKS)})"
-    accuracy = record.get("test_accuracy")
-    if record["status"] == "ok" and not (_is_number(accuracy) and 0.0 <= accuracy <= 1.0):
-        return "status ok without a finite test_accuracy in [0, 1]"
-    return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _flatten(record: dict, path: str) -> dict:
-    """The few fields the leaderboard needs; history and the rest of the record are dropped here."""
-    config = record["config"]
-    accuracy = record.get("test_accuracy")
-    return {
-        "path": path,
-        "status": record["status"],
-        "task": record["task"],
-        "setting": _canonical(record["setting"]),
-        "attention": record["attention"],
-        "optimizer": record["optimizer"],
-        "lr": float(record["lr"]),
-        "weight_decay": float(record["weight_decay"]),
-        "profile": record["profile"],
-        "comparable": record["comparable_with_published_mad"],
-        "test_accuracy": float(accuracy) if _is_number(accuracy) else math.nan,
-        "body": _canonical({part: config[part] for part in ("attention", "model", "train")}),
-        "opt_config": _canonical({k: v for k, v in config["optimizer"].items() if k not in GRID}),
-    }
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def _digest(text: str) -> str:
@@ -269,7 +147,7 @@ def _expected_settings(records: pd.DataFrame, profile: str) -> pd.DataFrame:
     """Settings a complete sweep covers (columns task, setting): the 66 MAD settings for the full profile, else
     every setting seen in the runs, in task order."""
     if profile == FULL_PROFILE:
-        pairs = [(task, _canonical(setting)) for task, setting in mad_settings()]
+        pairs = [(task, canonical(setting)) for task, setting in mad_settings()]
         pairs.sort(key=lambda pair: TASKS.index(pair[0]))  # stable: keeps the grid order within a task
     else:
         pairs = sorted(set(zip(records["task"], records["setting"])), key=lambda p: (TASKS.index(p[0]), p[1]))

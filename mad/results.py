@@ -41,11 +41,19 @@ def read_record(path: Path) -> dict:
         record = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable JSON record ({e})") from e
-    if not isinstance(record, dict) or record.get("schema") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: not a run record of schema {SCHEMA_VERSION}")
-    if record.get("status") not in STATUSES:
-        raise ValueError(f"{path}: status {record.get('status')!r} is not one of {', '.join(STATUSES)}")
+    problem = record_problem(record)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     return record
+
+
+def record_problem(record: object) -> str | None:
+    """Why a parsed JSON value is not a run record of the current schema with a known status, or None."""
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA_VERSION:
+        return f"not a run record of schema {SCHEMA_VERSION}"
+    if record.get("status") not in STATUSES:
+        return f"status {record.get('status')!r} is not one of {', '.join(STATUSES)}"
+    return None
 
 
 def describe_device(device: torch.device) -> str:

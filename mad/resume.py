@@ -14,7 +14,7 @@ from mad.results import RECORD_NAME, read_record
 
 FINISHED = ("ok", "diverged")
 # Config keys that change how a run is launched or displayed, never what it computes.
-LAUNCH_ONLY_KEYS = ("progress", "dry_run", "force", "data_cache")
+LAUNCH_ONLY_KEYS = ("launch", "progress", "dry_run", "force", "data_cache")
 
 
 def run_identity(config: dict) -> dict:

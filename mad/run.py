@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from mad.config_checks import ConfigError, check_config, task_setting
+from mad.convert import check_fit, load_converted, load_source
 from mad.data import load_split
 from mad.devices import choose_device
 from mad.optim import build_optimizers, cosine_schedules
@@ -64,8 +65,8 @@ def launch(cfg: DictConfig, run_dir: Path) -> dict | None:
     if previous:
         Console(soft_wrap=True).print(f"already finished ({previous['status']}), skipped: {run_dir / RECORD_NAME}")
         return previous
-    device, lease = choose_device(cfg.train.device, runs_per_gpu=cfg.train.runs_per_gpu,
-                                  lock_dir=Path(cfg.train.gpu_lock_dir))  # fmt: skip
+    device, lease = choose_device(cfg.launch.device, runs_per_gpu=cfg.launch.runs_per_gpu,
+                                  lock_dir=Path(cfg.launch.gpu_lock_dir))  # fmt: skip
     try:
         record = run(cfg, resolved, run_dir, device)
     finally:
@@ -80,6 +81,10 @@ def run(cfg: DictConfig, resolved: dict, run_dir: Path, device: torch.device) ->
     autocast_dtype = autocast_dtype_for(cfg.train.precision, device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)  # raises ValueError on impossible layer settings, before any data work
+    if cfg.init_from:
+        source, weights = load_source(Path(to_absolute_path(cfg.init_from)))
+        check_fit(source, resolved)
+        load_converted(model, weights)
     optimizers = build_optimizers(model, resolved["optimizer"])
     schedules = cosine_schedules(optimizers, cfg.train.epochs, cfg.train.min_lr)
     cache = Path(to_absolute_path(cfg.data_cache)) if cfg.data_cache else None

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from mad.leaderboard import LeaderboardError, load_records, make_leaderboard, setting_label
+from mad.leaderboard import LeaderboardError, make_leaderboard, setting_label
+from mad.records import load_records
 from mad.results import RECORD_NAME
 from mad.tasks import TASKS
 from mad.tasks.grid import BASELINES, NUM_TEST_EXAMPLES, mad_settings

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from mad.devices import try_lease
 from mad.setting_configs import CONF_DIR, expected_files

@@ -14,6 +14,7 @@ attention exactly. The effective weights p_ij (1 + u_bar_i - u_ij) sum to one pe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -47,17 +48,27 @@ def parallax_attention(
     group = q.shape[2] // k.shape[2]
     # [B, H, T, D] in the compute dtype; K/V heads repeated over their query group.
     qh, rh = (x.transpose(1, 2).to(compute_dtype) for x in (q, r))
-    kh, vh = (x.transpose(1, 2).to(compute_dtype).repeat_interleave(group, dim=1) for x in (k, v))
+    kh, vh = (_repeat_heads(x.transpose(1, 2).to(compute_dtype), group) for x in (k, v))
 
     logits = scale * qh @ kh.transpose(-1, -2)  # [B, H, T_q, T_k]
-    if causal:
-        logits = logits.masked_fill(_future_mask(q.shape[1], k.shape[1], q.device), float("-inf"))
+    mask = _future_mask(q.shape[1], k.shape[1], q.device) if causal else None
+    if mask is not None:
+        logits = logits.masked_fill(mask, float("-inf"))
     p = torch.softmax(logits, dim=-1)  # [B, H, T_q, T_k]; masked entries are exactly 0
-    u = rh @ kh.transpose(-1, -2)  # [B, H, T_q, T_k], unscaled
-    pu = p * u
+    pu = p * (rh @ kh.transpose(-1, -2))  # p_ij u_ij, u unscaled
     u_bar = pu.sum(dim=-1, keepdim=True)  # [B, H, T_q, 1]
-    out = (p @ vh) * (1 + u_bar) - pu @ vh  # [B, H, T_q, D_v]
+    # v_bar from SDPA, the call softmax attention makes: with r = 0 the correction is exactly zero, so a Parallax
+    # layer whose probe is zero reproduces a softmax layer bit for bit (softmax -> Parallax conversion).
+    square = q.shape[1] == k.shape[1]
+    sdpa_mask = None if mask is None or square else ~mask
+    v_bar = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=sdpa_mask, is_causal=causal and square, scale=scale)
+    out = v_bar + (u_bar * v_bar - pu @ vh)  # [B, H, T_q, D_v]
     return out.transpose(1, 2).to(q.dtype)
+
+
+def _repeat_heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    """`[B, H_kv, T, D] -> [B, H_kv * group, T, D]`, each K/V head repeated for its query heads."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
 def _future_mask(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:

@@ -49,5 +49,8 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        # The explicit scale is the float the Parallax reference passes too, so both compute identical bits.
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.head_dim**-0.5
+        )
         return self.out_proj(out.transpose(1, 2).flatten(-2))  # [B, H, T, D] -> [B, T, dim]

@@ -1,4 +1,7 @@
-"""Optimizers: AdamW on everything, or Muon on the hidden matrices with AdamW on the rest; the cosine schedule."""
+"""Optimizers: AdamW on everything, or Muon on the hidden matrices with AdamW on the rest.
+
+The learning-rate schedules are in mad/schedules.py.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +46,3 @@ def build_optimizers(model: nn.Module, cfg: dict) -> list[torch.optim.Optimizer]
         return [muon, torch.optim.AdamW(rest, **adamw)]
     raise ValueError(f"unknown optimizer {cfg['name']!r}; allowed: {', '.join(OPTIMIZERS)}")
 
-
-def cosine_schedules(optimizers: list[torch.optim.Optimizer], epochs: int, min_lr: float) -> list:
-    """MAD's schedule: cosine from the base lr to `min_lr` over `epochs`, stepped once per epoch, no warm-up."""
-    return [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=epochs, eta_min=min_lr) for o in optimizers]

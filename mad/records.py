@@ -28,6 +28,7 @@ _CONFIG_PARTS = ("attention", "model", "optimizer", "train")  # what defines an 
 _ROW_COLUMNS = ["path", "status", "task", "setting", "attention", "optimizer", *GRID, "profile", "comparable",
                 "test_accuracy", "body", "opt_config"]  # fmt: skip
 _HISTORY_KEY = '\n  "history": {'  # the top-level history as write_json_atomically lays it out (indent 2)
+_TOP_LEVEL_CLOSE = "\n  }"  # a dict that is the value of a top-level key ends here (indent 2)
 _POOL_MIN_FILES = 200  # below this, starting worker processes costs more than it saves
 
 
@@ -68,15 +69,16 @@ def _load_one(path: str) -> tuple[dict | None, str | None]:
 def _parse_without_history(text: str) -> Any:
     """``json.loads(text)`` with the top-level ``history`` replaced by null before parsing.
 
-    The per-epoch history is about 90% of a record and unused here; skipping it makes loading ~8x faster. It is a dict
-    of number lists, so the first ``}`` after its key closes it. Text of any other layout, where the cut does not
-    leave valid JSON, is parsed whole.
+    The per-epoch history (metrics and diagnostics) is most of a record and unused here; skipping it makes loading
+    ~8x faster. As `write_json_atomically` lays records out (indent 2), the history dict is closed by the first
+    ``}`` at the top-level indent after its key. Text of any other layout, where the cut does not leave valid JSON,
+    is parsed whole.
     """
     start = text.find(_HISTORY_KEY)
-    end = text.find("}", start)
+    end = text.find(_TOP_LEVEL_CLOSE, start)
     if start >= 0 and end >= 0:
         try:
-            return json.loads(f'{text[:start]}{_HISTORY_KEY[:-1]}null{text[end + 1:]}')
+            return json.loads(f'{text[:start]}{_HISTORY_KEY[:-1]}null{text[end + len(_TOP_LEVEL_CLOSE):]}')
         except json.JSONDecodeError:
             pass
     return json.loads(text)

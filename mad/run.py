@@ -23,11 +23,12 @@ from mad.config_checks import ConfigError, check_config, task_setting
 from mad.convert import check_fit, load_converted, load_source
 from mad.data import load_split
 from mad.devices import choose_device
-from mad.optim import build_optimizers, cosine_schedules
+from mad.optim import build_optimizers
 from mad.results import (
     RECORD_NAME, SCHEMA_VERSION, WEIGHTS_NAME, describe_device, git_revision, package_versions, write_json_atomically,
 )  # fmt: skip
 from mad.resume import finished_record
+from mad.schedules import build_schedules, check_schedule
 from mad.train import LoopConfig, TrainResult, train
 from models.backbone import AutoEncoder, LanguageModel, count_parameters
 from models.mlp import SwiGLU
@@ -58,6 +59,7 @@ def launch(cfg: DictConfig, run_dir: Path) -> dict | None:
     """Validate; then skip (already finished), list (dry run) or train the run. Returns its record, if any."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     check_config(resolved)
+    _check_schedule_and_diagnostics(resolved)
     previous = finished_record(run_dir, resolved, force=cfg.force)
     if cfg.dry_run:
         Console(soft_wrap=True).print(f"{'done' if previous else 'to run'}: {run_dir}")
@@ -86,7 +88,7 @@ def run(cfg: DictConfig, resolved: dict, run_dir: Path, device: torch.device) ->
         check_fit(source, resolved)
         load_converted(model, weights)
     optimizers = build_optimizers(model, resolved["optimizer"])
-    schedules = cosine_schedules(optimizers, cfg.train.epochs, cfg.train.min_lr)
+    schedules = build_schedules(optimizers, resolved["train"]["schedule"], epochs=cfg.train.epochs)
     cache = Path(to_absolute_path(cfg.data_cache)) if cfg.data_cache else None
     setting = task_setting(resolved["task"])
     record = _record_header(cfg, resolved, model, device)
@@ -102,6 +104,7 @@ def run(cfg: DictConfig, resolved: dict, run_dir: Path, device: torch.device) ->
             device=device,
             autocast_dtype=autocast_dtype,
             progress=cfg.progress,
+            diagnostics_batch=cfg.diagnostics_batch if cfg.diagnostics else 0,
         )
         result = train(model, optimizers, schedules, train_split, test_split, loop)
     except Exception as e:
@@ -112,6 +115,19 @@ def run(cfg: DictConfig, resolved: dict, run_dir: Path, device: torch.device) ->
     torch.save(model.state_dict(), run_dir / WEIGHTS_NAME)
     write_json_atomically(run_dir / RECORD_NAME, record)
     return record
+
+
+def _check_schedule_and_diagnostics(cfg: dict) -> None:
+    """The schedule and diagnostics settings (mad/schedules.py, mad/diagnostics.py); ConfigError names the fix."""
+    try:
+        check_schedule(cfg["train"]["schedule"], cfg["train"]["epochs"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if not isinstance(cfg["diagnostics"], bool):
+        raise ConfigError(f"diagnostics must be true or false, got {cfg['diagnostics']!r}")
+    batch = cfg["diagnostics_batch"]
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"diagnostics_batch must be a positive integer (test sequences), got {batch!r}")
 
 
 def _record_header(cfg: DictConfig, resolved: dict, model: torch.nn.Module, device: torch.device) -> dict:
@@ -155,6 +171,7 @@ def _summary(result: TrainResult) -> dict:
         "train_tokens": result.train_tokens,
         "tokens_per_s": result.train_tokens / result.train_seconds if result.train_seconds else None,
         "history": result.history(),
+        **({} if result.initial_diagnostics is None else {"diagnostics_at_init": result.initial_diagnostics}),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

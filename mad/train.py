@@ -1,8 +1,10 @@
 """The training loop of one MAD run (docs/mad-protocol.md section 2.3).
 
 Per epoch: shuffled batches of the train set, cross entropy over scored positions, every optimizer stepped, the
-cosine schedule stepped once; then the whole test set is scored. Training stops after the first epoch whose test
-accuracy exceeds `early_stop_accuracy`, or when the loss stops being finite (the run is then `diverged`).
+schedules (mad/schedules.py) stepped once; then the whole test set is scored, and with `diagnostics_batch > 0` the
+mechanism diagnostics (mad/diagnostics.py) are taken on the first that many test sequences (also once before
+training). Training stops after the first epoch whose test accuracy exceeds `early_stop_accuracy`, or when the loss
+stops being finite (the run is then `diverged`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from mad.data import Split, test_batches, train_batches
+from mad.diagnostics import model_diagnostics
 from mad.metrics import combine_batches, score_batch
 from mad.tasks import IGNORE_INDEX
 
@@ -33,6 +36,7 @@ class LoopConfig:
     device: torch.device
     autocast_dtype: torch.dtype | None  # bf16 on GPU, None (float32) on CPU
     progress: bool = True
+    diagnostics_batch: int = 0  # > 0: mechanism diagnostics on this many test sequences per epoch; 0: off
 
 
 @dataclass
@@ -56,6 +60,8 @@ class TrainResult:
     train_tokens: int = 0
     train_seconds: float = 0.0
     early_stopped: bool = False
+    diagnostics: list[dict] | None = None  # one per epoch (aligned with `epochs`); None when diagnostics are off
+    initial_diagnostics: dict | None = None  # before the first step
 
     def best_epoch(self) -> EpochRecord | None:
         """The epoch with the lowest test perplexity (MAD reports its numbers from that checkpoint)."""
@@ -63,9 +69,13 @@ class TrainResult:
         return min(finite, key=lambda e: e.test_perplexity) if finite else None
 
     def history(self) -> dict[str, list]:
-        """Per-epoch metrics, one list per field (compact in JSON, and a DataFrame in one call)."""
+        """Per-epoch metrics, one list per field (compact in JSON, and a DataFrame in one call); with diagnostics on,
+        also `diagnostics`: one dict per epoch (mad/diagnostics.py), kept apart so the metric columns stay flat."""
         fields = [f.name for f in dataclasses.fields(EpochRecord)]
-        return {name: [getattr(e, name) for e in self.epochs] for name in fields}
+        history: dict[str, list] = {name: [getattr(e, name) for e in self.epochs] for name in fields}
+        if self.diagnostics is not None:
+            history["diagnostics"] = list(self.diagnostics)
+        return history
 
 
 def train(
@@ -83,6 +93,10 @@ def train(
     order = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(train_split.inputs.shape[0] / cfg.batch_size)
     result = TrainResult(status="ok")
+    diagnostics_inputs = test_split.inputs[: cfg.diagnostics_batch] if cfg.diagnostics_batch > 0 else None
+    if diagnostics_inputs is not None:
+        result.diagnostics = []
+        result.initial_diagnostics = model_diagnostics(model, diagnostics_inputs)
     with _progress_bar(cfg.progress) as bar:
         task = bar.add_task("training", total=cfg.epochs * steps_per_epoch, stats="")
         for epoch in range(1, cfg.epochs + 1):
@@ -111,6 +125,8 @@ def train(
                 seconds=time.perf_counter() - started,
             )
             result.epochs.append(record)
+            if diagnostics_inputs is not None:  # outside `seconds`; draws no random numbers, changes no state
+                result.diagnostics.append(model_diagnostics(model, diagnostics_inputs))
             tok_s = result.train_tokens / max(result.train_seconds, 1e-9)
             bar.update(task, description=f"epoch {epoch}/{cfg.epochs}", stats=_stats(record, tok_s))
             if record.test_accuracy > cfg.early_stop_accuracy:

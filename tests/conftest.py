@@ -5,8 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Triton decides at its first import whether kernels are interpreted, and some test modules import it at collection
+# (directly or through fla). Without a GPU the interpreter is the only way to run our kernels, so switch it on for
+# the whole session before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def run_cli(args: list[str], cwd: Path, module: str = "mad.run", timeout: int = 600) -> subprocess.CompletedProcess:

@@ -168,8 +168,8 @@ def test_reference_rejects_float64_and_cute_needs_a_gpu():
         parallax_decode(b["q"], b["r"], b["k_cache"], b["v_cache"], impl="cute")
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs Triton on CPU")
-def test_triton_on_cpu_without_the_interpreter_is_a_value_error():
+def test_triton_on_cpu_without_the_interpreter_is_a_value_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     a = _good(torch.float16)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         parallax_decode(a["q"], a["r"], a["k_cache"], a["v_cache"], impl="triton")

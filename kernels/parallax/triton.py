@@ -1,0 +1,570 @@
+"""Triton kernels for causal Parallax attention, forward and backward, in the FlashAttention-2 style.
+
+The math is in `kernels/parallax/reference.py` and docs/parallax.md (sections 4, 5, 7). Per query tile the forward
+streams over the K/V tiles once, keeping fp32 state (m, l, R, O, OR) with ONE running max taken from S only:
+
+    S = c*log2(e) * Q K^T        U = Rp K^T (unscaled)          masked positions: S = -inf, P = 0, U = 0
+    m' = max(m, rowmax S)  alpha = 2^(m - m')  P = 2^(S - m')
+    l = alpha l + rowsum P   R = alpha R + rowsum(P*U)   O = alpha O + P V   OR = alpha OR + (P*U) V
+    v_bar = O / l   u_bar = R / l   o = v_bar (1 + u_bar) - OR / l
+
+and saves o (input dtype) with its rounding residual o_res (16-bit inputs only), v_bar (fp32), lse2 = m + log2 l
+and u_bar (fp32, `[B, H, T_q]`). The backward runs two kernels: dq/dr per query tile (it also computes t = g.o and
+b = g.v_bar, the "preprocess", from fp32-accurate o and v_bar, and stores them), then dk/dv per key tile, which
+loops over the query heads of its KV head (GQA sums inside the kernel, no buffer):
+
+    a = g.v_j   dS = p [a - t + (u_bar - u)(a - b)]   dU = -p (a - b)
+    dq = c sum_j dS k_j   dr = sum_j dU k_j   dk = sum_i (c dS q_i + dU r_i)   dv = sum_i p (1 + u_bar - u) g_i
+
+Layout `[B, T, H, D]` (contiguous; the wrapper copies other strides). Causal masks are end-aligned: query i sees
+key j iff j <= i + (T_k - T_q). Only tiles that cross the diagonal or a ragged edge apply a mask. Head dims 8..128
+(powers of two); 8 is padded to 16 lanes, the minimum `tl.dot` K. fp32 inputs use IEEE dots (no tf32).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Whether the kernels below were built for Triton's CPU interpreter: read once, when this module is imported,
+# because `triton.jit` decides the same way at decoration time.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+HEAD_DIMS = (8, 16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Candidate tiles per kernel and head-dim class (small: D <= 32, mid: D = 64, large: D = 128) for 16-bit inputs,
+# picked from sm_90 builds (ptxas -v) for few or no register spills: the two fp32 [BLOCK, D] accumulators are what
+# limit the tiles. 64 rows of the tile per 4 warps keep each warpgroup on its own rows. Kept short so that compile
+# and autotune stay a few seconds per head dim.
+GPU_CONFIGS: dict[str, dict[str, list[triton.Config]]] = {
+    "fwd": {
+        "small": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
+        "mid": [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3)],
+        "large": [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 2)],
+    },
+    "dq": {
+        "small": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
+        "mid": [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)],
+        "large": [_cfg(128, 32, 8, 3), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)],
+    },
+    "dkv": {  # deeper pipelines spill less here: loads land in shared memory, not registers
+        "small": [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 2)],
+        "mid": [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 3)],
+        "large": [_cfg(32, 128, 8, 3), _cfg(16, 128, 8, 3), _cfg(32, 64, 4, 3)],
+    },
+}
+# fp32 inputs use IEEE (FMA) dots, which unroll into large code: small tiles keep each build to seconds. fp32 is for
+# checking, not speed, so one config each.
+FP32_CONFIGS: dict[str, triton.Config] = {
+    "small": _cfg(32, 32, 4, 1), "mid": _cfg(16, 16, 4, 1), "large": _cfg(16, 16, 4, 1),
+}
+# One fixed config under the interpreter (the autotuner needs a GPU); BLOCK_M != BLOCK_N exercises more edges.
+INTERPRET_CONFIG = _cfg(32, 16, 4, 1)
+
+
+def _dim_class(head_dim: int) -> str:
+    return "small" if head_dim <= 32 else ("mid" if head_dim == 64 else "large")
+
+
+def candidate_configs(kind: str, head_dim: int, dtype: torch.dtype) -> list[triton.Config]:
+    """The configs the autotuner chooses among for kernel `kind` ("fwd", "dq", "dkv") on GPU."""
+    if dtype == torch.float32:
+        return [FP32_CONFIGS[_dim_class(head_dim)]]
+    return GPU_CONFIGS[kind][_dim_class(head_dim)]
+
+
+def _config_key(c: triton.Config) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+
+def _all_configs(kind: str) -> list[triton.Config]:
+    every = [c for configs in GPU_CONFIGS[kind].values() for c in configs] + list(FP32_CONFIGS.values())
+    return list({_config_key(c): c for c in every}.values())
+
+
+def _prune(kind: str):
+    def prune(configs, named_args, **kwargs):
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        wanted = {_config_key(c) for c in candidate_configs(kind, head_dim, named_args["Q"].dtype)}
+        return [c for c in configs if _config_key(c) in wanted]
+
+    return prune
+
+
+def _tuned(kind: str):
+    """Autotune over the head-dim class's configs on GPU; a plain kernel under the interpreter."""
+    if INTERPRET:
+        return lambda fn: fn
+    return triton.autotune(
+        configs=_all_configs(kind),
+        key=["HEAD_DIM", "TUNE_KEY"],
+        prune_configs_by={"early_config_prune": _prune(kind)},
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m, offs_n, causal_off, T_k, qk_scale2,
+              MASK: tl.constexpr, PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2  # [BM, BN] logits in base 2
+    u = tl.dot(r, tl.trans(k), input_precision=PREC) - u_shift[:, None]  # [BM, BN] probe scores, unscaled
+    if MASK:
+        visible = (offs_n[None, :] <= offs_m[:, None] + causal_off) & (offs_n[None, :] < T_k)
+        s = tl.where(visible, s, float("-inf"))
+        u = tl.where(visible, u, 0.0)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    pu = p * u
+    l_i = l_i * alpha + tl.sum(p, 1)
+    r_i = r_i * alpha + tl.sum(pu, 1)
+    acc_o = tl.dot(p.to(v.dtype), v, acc_o * alpha[:, None], input_precision=PREC)
+    acc_or = tl.dot(pu.to(v.dtype), v, acc_or * alpha[:, None], input_precision=PREC)
+    return m_new, l_i, r_i, acc_o, acc_or
+
+
+@_tuned("fwd")
+@triton.jit(do_not_specialize=["T_q", "T_k", "TUNE_KEY", "H", "GROUP"])
+def _fwd_kernel(Q, R, K, V, O, ORES, VBAR, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
+                H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    H_KV = H // GROUP
+    Q_ROW = H * HEAD_DIM  # elements between consecutive tokens of q, r, o, v_bar
+    KV_ROW = H_KV * HEAD_DIM
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest (last) query tiles launch first
+    b = pid_bh // H
+    h = pid_bh % H
+    causal_off = T_k - T_q
+    m0 = pid_m * BLOCK_M
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    arange_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < T_q
+    q_off = (b.to(tl.int64) * T_q + m0) * Q_ROW + h * HEAD_DIM + tl.arange(0, BLOCK_M)[:, None] * Q_ROW + offs_d[None, :]
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+    r = tl.load(R + q_off, mask=q_mask, other=0.0)
+
+    # Scalar base pointers advanced per tile plus one int32 tile of offsets: cheaper in registers than
+    # loop-carried [BLOCK_N, BLOCK_D] pointer tensors.
+    kv_tile = arange_n[:, None] * KV_ROW + offs_d[None, :]
+    kv_start = b.to(tl.int64) * T_k * KV_ROW + (h // GROUP) * HEAD_DIM
+    k_base = K + kv_start
+    v_base = V + kv_start
+
+    # o is invariant to a per-row shift of u. Shifting by u at the row's own (diagonal) key stops
+    # v_bar (1 + u_bar) - OR from cancelling badly when a row's u are large but alike (few keys, large r).
+    diag = (offs_m + causal_off).to(tl.int64)
+    k_diag = tl.load(K + kv_start + diag[:, None] * KV_ROW + offs_d[None, :], mask=q_mask, other=0.0)
+    u_shift = tl.sum(r.to(tl.float32) * k_diag.to(tl.float32), 1)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row gives alpha = P = 0, never NaN
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_or = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Key tiles entirely visible to every row of this query tile: j <= m0 + causal_off (< T_k).
+    n_full = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        if BLOCK_D == HEAD_DIM:
+            k = tl.load(k_base + kv_tile)
+            v = tl.load(v_base + kv_tile)
+        else:
+            k = tl.load(k_base + kv_tile, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + kv_tile, mask=d_ok[None, :], other=0.0)
+        m_i, l_i, r_i, acc_o, acc_or = _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m,
+                                                 start_n + arange_n, causal_off, T_k, qk_scale2, False, PREC)
+        k_base += BLOCK_N * KV_ROW
+        v_base += BLOCK_N * KV_ROW
+    # Tiles crossing the diagonal or the end of the keys.
+    n_end = tl.minimum(T_k, m0 + BLOCK_M + causal_off)
+    for start_n in range(n_full, n_end, BLOCK_N):
+        offs_n = start_n + arange_n
+        kv_mask = (offs_n[:, None] < T_k) & d_ok[None, :]
+        k = tl.load(k_base + kv_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kv_tile, mask=kv_mask, other=0.0)
+        m_i, l_i, r_i, acc_o, acc_or = _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m, offs_n,
+                                                 causal_off, T_k, qk_scale2, True, PREC)
+        k_base += BLOCK_N * KV_ROW
+        v_base += BLOCK_N * KV_ROW
+
+    inv_l = 1.0 / l_i
+    v_bar = acc_o * inv_l[:, None]
+    u_bar = r_i * inv_l  # shifted
+    o = v_bar * (1.0 + u_bar[:, None]) - acc_or * inv_l[:, None]
+    o_out = o.to(O.dtype.element_ty)
+    tl.store(O + q_off, o_out, mask=q_mask)
+    if O.dtype.element_ty != tl.float32:  # what rounding o lost, so the backward's t = g.o is fp32-accurate
+        tl.store(ORES + q_off, (o - o_out.to(tl.float32)).to(ORES.dtype.element_ty), mask=q_mask)
+    tl.store(VBAR + q_off, v_bar, mask=q_mask)  # fp32
+    row_off = pid_bh.to(tl.int64) * T_q + offs_m
+    tl.store(LSE2 + row_off, m_i + tl.math.log2(l_i), mask=row_ok)
+    tl.store(UBAR + row_off, u_bar + u_shift, mask=row_ok)  # unshifted: the backward recomputes plain u
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dq_step(q, r, g, k, v, acc_dq, acc_dr, lse2, u_bar, t, b_row, offs_m, offs_n, causal_off, T_k, qk_scale2,
+             MASK: tl.constexpr, PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2  # [BM, BN]
+    u = tl.dot(r, tl.trans(k), input_precision=PREC)
+    if MASK:
+        visible = (offs_n[None, :] <= offs_m[:, None] + causal_off) & (offs_n[None, :] < T_k)
+        s = tl.where(visible, s, float("-inf"))
+        u = tl.where(visible, u, 0.0)
+    p = tl.math.exp2(s - lse2[:, None])
+    a = tl.dot(g, tl.trans(v), input_precision=PREC)  # a_ij = g_i . v_j
+    a_minus_b = a - b_row[:, None]
+    ds = p * (a - t[:, None] + (u_bar[:, None] - u) * a_minus_b)
+    du = -(p * a_minus_b)
+    acc_dq = tl.dot(ds.to(k.dtype), k, acc_dq, input_precision=PREC)
+    acc_dr = tl.dot(du.to(k.dtype), k, acc_dr, input_precision=PREC)
+    return acc_dq, acc_dr
+
+
+@_tuned("dq")
+@triton.jit(do_not_specialize=["T_q", "T_k", "TUNE_KEY", "H", "GROUP"])
+def _bwd_dq_kernel(Q, R, K, V, O, ORES, VBAR, GO, LSE2, UBAR, TT, BB, DQ, DR, qk_scale, qk_scale2, T_q, T_k, TUNE_KEY,
+                   H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    H_KV = H // GROUP
+    Q_ROW = H * HEAD_DIM
+    KV_ROW = H_KV * HEAD_DIM
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    causal_off = T_k - T_q
+    m0 = pid_m * BLOCK_M
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    arange_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < T_q
+    q_off = (b.to(tl.int64) * T_q + m0) * Q_ROW + h * HEAD_DIM + tl.arange(0, BLOCK_M)[:, None] * Q_ROW + offs_d[None, :]
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+    r = tl.load(R + q_off, mask=q_mask, other=0.0)
+    g = tl.load(GO + q_off, mask=q_mask, other=0.0)
+
+    # The "preprocess": t = g.o and b = g.v_bar per row, kept here and stored for the dk/dv kernel.
+    g32 = g.to(tl.float32)
+    # Both from fp32-accurate o and v_bar: their bf16 roundings alone would put errors of ~1e-1 into dq and dr
+    # where these are small (dq and dk move with t through mu = sum_j p_ij k_j, dr with b).
+    o = tl.load(O + q_off, mask=q_mask, other=0.0).to(tl.float32)
+    if O.dtype.element_ty != tl.float32:
+        o += tl.load(ORES + q_off, mask=q_mask, other=0.0).to(tl.float32)
+    t = tl.sum(g32 * o, 1)
+    b_row = tl.sum(g32 * tl.load(VBAR + q_off, mask=q_mask, other=0.0), 1)
+    row_off = pid_bh.to(tl.int64) * T_q + offs_m
+    tl.store(TT + row_off, t, mask=row_ok)
+    tl.store(BB + row_off, b_row, mask=row_ok)
+    lse2 = tl.load(LSE2 + row_off, mask=row_ok, other=0.0)
+    u_bar = tl.load(UBAR + row_off, mask=row_ok, other=0.0)
+
+    # Scalar base pointers advanced per tile plus one int32 tile of offsets: cheaper in registers than
+    # loop-carried [BLOCK_N, BLOCK_D] pointer tensors.
+    kv_tile = arange_n[:, None] * KV_ROW + offs_d[None, :]
+    kv_start = b.to(tl.int64) * T_k * KV_ROW + (h // GROUP) * HEAD_DIM
+    k_base = K + kv_start
+    v_base = V + kv_start
+    acc_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_dr = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    n_full = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        if BLOCK_D == HEAD_DIM:
+            k = tl.load(k_base + kv_tile)
+            v = tl.load(v_base + kv_tile)
+        else:
+            k = tl.load(k_base + kv_tile, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + kv_tile, mask=d_ok[None, :], other=0.0)
+        acc_dq, acc_dr = _dq_step(q, r, g, k, v, acc_dq, acc_dr, lse2, u_bar, t, b_row, offs_m, start_n + arange_n,
+                                  causal_off, T_k, qk_scale2, False, PREC)
+        k_base += BLOCK_N * KV_ROW
+        v_base += BLOCK_N * KV_ROW
+    n_end = tl.minimum(T_k, m0 + BLOCK_M + causal_off)
+    for start_n in range(n_full, n_end, BLOCK_N):
+        offs_n = start_n + arange_n
+        kv_mask = (offs_n[:, None] < T_k) & d_ok[None, :]
+        k = tl.load(k_base + kv_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kv_tile, mask=kv_mask, other=0.0)
+        acc_dq, acc_dr = _dq_step(q, r, g, k, v, acc_dq, acc_dr, lse2, u_bar, t, b_row, offs_m, offs_n,
+                                  causal_off, T_k, qk_scale2, True, PREC)
+        k_base += BLOCK_N * KV_ROW
+        v_base += BLOCK_N * KV_ROW
+
+    tl.store(DQ + q_off, (acc_dq * qk_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DR + q_off, acc_dr.to(DR.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _dkv_step(q_base, r_base, g_base, q_tile, LSE2, UBAR, TT, BB, row_base, k, v, acc_dk, acc_dv, offs_m, offs_n, d_ok,
+              causal_off, T_q, T_k, qk_scale, qk_scale2,
+              MASK: tl.constexpr, PADDED_D: tl.constexpr, PREC: tl.constexpr):
+    if MASK:
+        row_ok = offs_m < T_q
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + q_tile, mask=q_mask, other=0.0)
+        r = tl.load(r_base + q_tile, mask=q_mask, other=0.0)
+        g = tl.load(g_base + q_tile, mask=q_mask, other=0.0)
+        lse2 = tl.load(LSE2 + row_base + offs_m, mask=row_ok, other=0.0)
+        u_bar = tl.load(UBAR + row_base + offs_m, mask=row_ok, other=0.0)
+        t = tl.load(TT + row_base + offs_m, mask=row_ok, other=0.0)
+        b_row = tl.load(BB + row_base + offs_m, mask=row_ok, other=0.0)
+    else:
+        if PADDED_D:
+            q = tl.load(q_base + q_tile, mask=d_ok[None, :], other=0.0)
+            r = tl.load(r_base + q_tile, mask=d_ok[None, :], other=0.0)
+            g = tl.load(g_base + q_tile, mask=d_ok[None, :], other=0.0)
+        else:
+            q = tl.load(q_base + q_tile)
+            r = tl.load(r_base + q_tile)
+            g = tl.load(g_base + q_tile)
+        lse2 = tl.load(LSE2 + row_base + offs_m)
+        u_bar = tl.load(UBAR + row_base + offs_m)
+        t = tl.load(TT + row_base + offs_m)
+        b_row = tl.load(BB + row_base + offs_m)
+    # Transposed tiles [BN, BM]: rows are keys, columns are queries. Ordered to keep few tiles live at once.
+    u_t = tl.dot(k, tl.trans(r), input_precision=PREC)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale2
+    if MASK:
+        visible = (offs_n[:, None] <= offs_m[None, :] + causal_off) & (offs_m[None, :] < T_q) & (offs_n[:, None] < T_k)
+        s_t = tl.where(visible, s_t, float("-inf"))
+        u_t = tl.where(visible, u_t, 0.0)
+    centred = u_bar[None, :] - u_t
+    p_t = tl.math.exp2(s_t - lse2[None, :])
+    acc_dv = tl.dot((p_t * (1.0 + centred)).to(g.dtype), g, acc_dv, input_precision=PREC)
+    a_minus_b = tl.dot(v, tl.trans(g), input_precision=PREC) - b_row[None, :]
+    # a - t = (a - b) + (b - t)
+    ds_t = (p_t * (a_minus_b * (1.0 + centred) + (b_row - t)[None, :])) * qk_scale
+    du_t = -(p_t * a_minus_b)
+    acc_dk = tl.dot(ds_t.to(q.dtype), q, acc_dk, input_precision=PREC)
+    acc_dk = tl.dot(du_t.to(r.dtype), r, acc_dk, input_precision=PREC)
+    return acc_dk, acc_dv
+
+
+@_tuned("dkv")
+@triton.jit(do_not_specialize=["T_q", "T_k", "TUNE_KEY", "H", "GROUP"])
+def _bwd_dkv_kernel(Q, R, K, V, GO, LSE2, UBAR, TT, BB, DK, DV, qk_scale, qk_scale2, T_q, T_k, TUNE_KEY,
+                    H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    H_KV = H // GROUP
+    Q_ROW = H * HEAD_DIM
+    KV_ROW = H_KV * HEAD_DIM
+    PADDED_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    pid_bkv = tl.program_id(0)
+    pid_n = tl.program_id(1)  # the first key tiles see the most queries: they launch first
+    b = pid_bkv // H_KV
+    h_kv = pid_bkv % H_KV
+    causal_off = T_k - T_q
+    n0 = pid_n * BLOCK_N
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    arange_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_off = (b.to(tl.int64) * T_k + n0) * KV_ROW + h_kv * HEAD_DIM + tl.arange(0, BLOCK_N)[:, None] * KV_ROW + offs_d[None, :]
+    kv_mask = (offs_n[:, None] < T_k) & d_ok[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    acc_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_tile = arange_m[:, None] * Q_ROW + offs_d[None, :]
+
+    # Query tiles [m_lo, m_end) see this key tile. Tiles in [m_a, m_b) need no mask: every row is a valid query
+    # that sees every key of the tile (and the key tile is not ragged); the others cross the diagonal or an edge.
+    m_lo = (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M
+    m_end = tl.cdiv(T_q, BLOCK_M) * BLOCK_M
+    m_a = tl.minimum(tl.maximum(m_lo, tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M), m_end)
+    m_b = tl.where(n0 + BLOCK_N <= T_k, tl.maximum(m_a, (T_q // BLOCK_M) * BLOCK_M), m_a)
+
+    for head_in_group in range(GROUP):  # GQA: sum over the query heads sharing this KV head
+        h = h_kv * GROUP + head_in_group
+        q_start = (b.to(tl.int64) * T_q + m_lo) * Q_ROW + h * HEAD_DIM
+        q_base = Q + q_start
+        r_base = R + q_start
+        g_base = GO + q_start
+        row_base = (b * H + h).to(tl.int64) * T_q  # rows of the [B, H, T_q] statistics
+        for start_m in range(m_lo, m_a, BLOCK_M):
+            acc_dk, acc_dv = _dkv_step(q_base, r_base, g_base, q_tile, LSE2, UBAR, TT, BB, row_base, k, v, acc_dk, acc_dv,
+                                       start_m + arange_m, offs_n, d_ok, causal_off, T_q, T_k, qk_scale, qk_scale2,
+                                       True, PADDED_D, PREC)
+            q_base += BLOCK_M * Q_ROW
+            r_base += BLOCK_M * Q_ROW
+            g_base += BLOCK_M * Q_ROW
+        for start_m in range(m_a, m_b, BLOCK_M):
+            acc_dk, acc_dv = _dkv_step(q_base, r_base, g_base, q_tile, LSE2, UBAR, TT, BB, row_base, k, v, acc_dk, acc_dv,
+                                       start_m + arange_m, offs_n, d_ok, causal_off, T_q, T_k, qk_scale, qk_scale2,
+                                       False, PADDED_D, PREC)
+            q_base += BLOCK_M * Q_ROW
+            r_base += BLOCK_M * Q_ROW
+            g_base += BLOCK_M * Q_ROW
+        for start_m in range(m_b, m_end, BLOCK_M):
+            acc_dk, acc_dv = _dkv_step(q_base, r_base, g_base, q_tile, LSE2, UBAR, TT, BB, row_base, k, v, acc_dk, acc_dv,
+                                       start_m + arange_m, offs_n, d_ok, causal_off, T_q, T_k, qk_scale, qk_scale2,
+                                       True, PADDED_D, PREC)
+            q_base += BLOCK_M * Q_ROW
+            r_base += BLOCK_M * Q_ROW
+            g_base += BLOCK_M * Q_ROW
+
+    tl.store(DK + kv_off, acc_dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, acc_dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------------------
+
+KernelConfigs = dict  # {"fwd" | "dq" | "dkv": triton.Config}; missing kinds are autotuned (or fixed, interpreted)
+
+
+def _tune_key(t_q: int, n_heads_total: int) -> int:
+    """Autotune bucket: log2 of the query length (128 .. 16384) and whether B*H alone fills the GPU."""
+    t_bucket = min(max(math.ceil(math.log2(max(t_q, 1))), 7), 14)
+    return 2 * t_bucket + int(n_heads_total >= 64)
+
+
+def _launch(kernel, grid, args: tuple, meta: dict, config: triton.Config | None) -> None:
+    if INTERPRET:
+        config = config or INTERPRET_CONFIG
+        kernel[grid(config.kwargs)](*args, **meta, **config.kwargs)
+    elif config is not None:
+        jit_fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        jit_fn[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
+    else:
+        kernel[grid](*args, **meta)
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor) -> dict:
+    head_dim = q.shape[3]
+    return dict(
+        H=q.shape[2],
+        GROUP=q.shape[2] // k.shape[2],
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, head_dim),
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None):
+    """Forward. Inputs contiguous `[B, T, H, D]` (k, v: `[B, T_k, H_kv, D]`).
+
+    Returns `(o, o_res, v_bar, lse2, u_bar)`: o `[B, T_q, H, D]` in the input dtype; o_res the rounding residual
+    of o (fp32 o - o, in the input dtype; None for fp32); v_bar `[B, T_q, H, D]` fp32; lse2 (= m + log2 l, in base-2
+    units of the logits c*log2(e)*q.k) and u_bar `[B, H, T_q]` fp32.
+    """
+    B, T_q, H, D = q.shape
+    T_k = k.shape[1]
+    o = torch.empty_like(q)
+    o_res = None if q.dtype == torch.float32 else torch.empty_like(q)
+    v_bar = torch.empty(B, T_q, H, D, device=q.device, dtype=torch.float32)
+    lse2 = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
+    u_bar = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
+    grid = lambda meta: (B * H, triton.cdiv(T_q, meta["BLOCK_M"]))  # noqa: E731
+    args = (q, r, k, v, o, o if o_res is None else o_res, v_bar, lse2, u_bar, scale * _LOG2E, T_q, T_k,
+            _tune_key(T_q, B * H))
+    _launch(_fwd_kernel, grid, args, _meta(q, k), (configs or {}).get("fwd"))
+    return o, o_res, v_bar, lse2, u_bar
+
+
+def parallax_bwd(q, r, k, v, o, o_res, v_bar, lse2, u_bar, grad_o, scale: float, configs: KernelConfigs | None = None):
+    """Backward: `(dq, dr, dk, dv)` in the input dtypes, from the tensors `parallax_fwd` returned."""
+    B, T_q, H, D = q.shape
+    T_k, H_kv = k.shape[1], k.shape[2]
+    configs = configs or {}
+    meta = _meta(q, k)
+    key = _tune_key(T_q, B * H)
+    dq, dr = torch.empty_like(q), torch.empty_like(r)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    t = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
+    b = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
+    grid_q = lambda meta: (B * H, triton.cdiv(T_q, meta["BLOCK_M"]))  # noqa: E731
+    args = (q, r, k, v, o, o if o_res is None else o_res, v_bar, grad_o, lse2, u_bar, t, b, dq, dr, scale,
+            scale * _LOG2E, T_q, T_k, key)
+    _launch(_bwd_dq_kernel, grid_q, args, meta, configs.get("dq"))
+    grid_kv = lambda meta: (B * H_kv, triton.cdiv(T_k, meta["BLOCK_N"]))  # noqa: E731
+    args = (q, r, k, v, grad_o, lse2, u_bar, t, b, dk, dv, scale, scale * _LOG2E, T_q, T_k, key)
+    _launch(_bwd_dkv_kernel, grid_kv, args, meta, configs.get("dkv"))
+    return dq, dr, dk, dv
+
+
+class ParallaxTritonFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, r, k, v, scale: float, configs: KernelConfigs | None):
+        o, o_res, v_bar, lse2, u_bar = parallax_fwd(q, r, k, v, scale, configs)
+        ctx.save_for_backward(q, r, k, v, o, o_res, v_bar, lse2, u_bar)
+        ctx.scale = scale
+        ctx.configs = configs
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_o):
+        q, r, k, v, o, o_res, v_bar, lse2, u_bar = ctx.saved_tensors
+        grads = parallax_bwd(q, r, k, v, o, o_res, v_bar, lse2, u_bar, grad_o.contiguous(), ctx.scale, ctx.configs)
+        return (*grads, None, None)
+
+
+MAX_SEQ_LEN = 1 << 20  # launch grids put query tiles on grid axis 1 (at most 65535 tiles of 16)
+
+
+def unsupported_reason(q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
+    """Why the kernel cannot take these (already reference-validated) inputs, or None if it can."""
+    if not causal:
+        return "the Triton kernel is causal only (causal=True); use impl='reference' for non-causal attention"
+    if q.device.type == "cpu" and not INTERPRET:
+        return ("the Triton kernel needs CUDA tensors; CPU tensors run only under Triton's interpreter "
+                "(set TRITON_INTERPRET=1 before kernels.parallax.triton is imported), or use impl='reference'")
+    if q.device.type not in ("cpu", "cuda"):
+        return f"the Triton kernel runs on CUDA tensors, got device {q.device}"
+    if q.dtype not in DTYPES:
+        return f"the Triton kernel takes dtypes {', '.join(map(str, DTYPES))}, got {q.dtype}; use impl='reference'"
+    if INTERPRET and q.dtype == torch.bfloat16:
+        return "bfloat16 is not supported under TRITON_INTERPRET=1 (the interpreter computes it wrongly); use float16/float32"
+    if q.shape[3] not in HEAD_DIMS:
+        return f"the Triton kernel takes head_dim in {HEAD_DIMS}, got {q.shape[3]}"
+    if v.shape[3] != q.shape[3]:
+        return f"the Triton kernel needs the value head_dim ({v.shape[3]}) equal to the q/k head_dim ({q.shape[3]})"
+    if max(q.shape[1], k.shape[1]) > MAX_SEQ_LEN:
+        return f"the Triton kernel takes sequences up to {MAX_SEQ_LEN} tokens, got q {q.shape[1]}, k {k.shape[1]}"
+    return None
+
+
+def parallax_attention_triton(q, r, k, v, *, scale: float | None = None, configs: KernelConfigs | None = None):
+    """Causal Parallax attention with the Triton kernels (inputs validated by `kernels.parallax.parallax_attention`).
+
+    Args:
+        q, r (Tensor): `[B, T_q, H, D]`.  k, v (Tensor): `[B, T_k, H_kv, D]`, `H % H_kv == 0`, `T_q <= T_k`.
+        scale (float, Optional): multiplies q.k only. Default: `D ** -0.5`.
+        configs (dict, Optional): force `triton.Config`s per kernel ("fwd", "dq", "dkv") instead of autotuning.
+
+    Returns:
+        Tensor `[B, T_q, H, D]` in the dtype of q; differentiable in q, r, k, v.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # Non-contiguous views (e.g. split from a fused projection) are copied once; the kernels assume [B, T, H, D].
+    q, r, k, v = (x.contiguous() for x in (q, r, k, v))
+    return ParallaxTritonFunction.apply(q, r, k, v, scale, configs)

@@ -1,0 +1,187 @@
+"""The Triton Parallax kernels against the reference, on CPU under Triton's interpreter (fp32 and fp16).
+
+The interpreter is switched on for this module only: `TRITON_INTERPRET=1` is set, `kernels.parallax.triton` is
+imported fresh (its kernels are built as interpreted functions at import), and both are undone afterwards.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels.parallax as parallax_pkg
+from kernels.parallax import parallax_attention
+from kernels.parallax.reference import parallax_attention as reference_attention
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE = "kernels.parallax.triton"
+
+
+def _forget_kernel_module() -> None:
+    sys.modules.pop(MODULE, None)
+    if hasattr(parallax_pkg, "triton"):
+        delattr(parallax_pkg, "triton")
+
+
+@pytest.fixture(scope="module")
+def tri():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        _forget_kernel_module()
+        import kernels.parallax.triton as module
+
+        assert module.INTERPRET
+        yield module
+    _forget_kernel_module()  # later imports build real GPU kernels again
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty / empty_like return NaN-filled tensors, so any element a kernel fails to write shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(x):
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float) -> float:
+    """max|x - ref| / max|ref| (max-norm), the denominator floored for reference tensors that are ~0."""
+    return ((x.double() - ref).abs().max() / max(ref.abs().max().item(), floor)).item()
+
+
+def make_inputs(B, T, H, H_kv, D, dtype, T_k=None, r_scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    T_k = T if T_k is None else T_k
+
+    def rms(x):
+        return x / x.pow(2).mean(-1, keepdim=True).sqrt()
+
+    q = rms(torch.randn(B, T, H, D, generator=gen))
+    r = r_scale * rms(torch.randn(B, T, H, D, generator=gen))
+    k = rms(torch.randn(B, T_k, H_kv, D, generator=gen))
+    v = torch.randn(B, T_k, H_kv, D, generator=gen)
+    g = torch.randn(B, T, H, D, generator=gen)
+    return [x.to(dtype) for x in (q, r, k, v)], g.to(dtype)
+
+
+def run_and_compare(q, r, k, v, g, *, scale=None, configs=None, tri=None):
+    """Errors of the output and of the four gradients against the float64 reference."""
+    leaves = [x.clone().requires_grad_() for x in (q, r, k, v)]
+    if configs is None:
+        out = parallax_attention(*leaves, scale=scale, impl="triton")
+    else:
+        out = tri.parallax_attention_triton(*leaves, scale=scale, configs=configs)
+    grads = torch.autograd.grad(out, leaves, g)
+    ref_leaves = [x.double().requires_grad_() for x in (q, r, k, v)]
+    ref = reference_attention(*ref_leaves, scale=scale)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, g.double())
+    for x in (out, *grads):
+        assert not torch.isnan(x).any(), "NaN: an output element was not written (or the math broke)"
+    floor = 1e-2 * max(t.abs().max().item() for t in ref_grads)  # dq, dr, dk are exactly 0 when T_k == 1
+    names = ("o", "dq", "dr", "dk", "dv")
+    return {n: rel_err(x, y, floor) for n, x, y in zip(names, (out, *grads), (ref, *ref_grads))}
+
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
+CASES = [
+    # dtype, B, T, H, H_kv, D, extra
+    pytest.param(torch.float32, 1, 1, 2, 1, 16, {}, id="fp32-T1-gqa2"),
+    pytest.param(torch.float32, 2, 7, 4, 2, 8, {}, id="fp32-T7-gqa2-d8"),
+    pytest.param(torch.float32, 1, 33, 4, 1, 32, {}, id="fp32-T33-gqa4-d32"),
+    pytest.param(torch.float32, 1, 70, 2, 2, 16, {"scale": 0.3}, id="fp32-T70-scale"),
+    pytest.param(torch.float32, 1, 40, 2, 1, 64, {"r_scale": 8.0}, id="fp32-T40-d64-large-r"),
+    pytest.param(torch.float32, 1, 20, 2, 2, 16, {"T_k": 45}, id="fp32-Tq20-Tk45"),
+    pytest.param(torch.float16, 1, 33, 4, 2, 16, {}, id="fp16-T33-gqa2"),
+    pytest.param(torch.float16, 2, 70, 4, 4, 8, {}, id="fp16-T70-d8"),
+    pytest.param(torch.float16, 1, 17, 2, 1, 32, {"T_k": 29, "scale": 0.2}, id="fp16-Tq17-Tk29"),
+]
+
+
+@pytest.mark.parametrize("dtype,B,T,H,H_kv,D,extra", CASES)
+def test_matches_reference(tri, poisoned_empty, dtype, B, T, H, H_kv, D, extra):
+    extra = dict(extra)
+    scale = extra.pop("scale", None)
+    (q, r, k, v), g = make_inputs(B, T, H, H_kv, D, dtype, **extra)
+    errs = run_and_compare(q, r, k, v, g, scale=scale)
+    assert max(errs.values()) < TOL[dtype], errs
+
+
+def test_forced_tile_configs(tri, poisoned_empty):
+    """Other tile shapes (BLOCK_M < BLOCK_N, several diagonal tiles) through the `configs` override."""
+    (q, r, k, v), g = make_inputs(1, 50, 2, 1, 16, torch.float32, seed=1)
+    configs = {"fwd": tri._cfg(16, 32, 4, 1), "dq": tri._cfg(16, 32, 4, 1), "dkv": tri._cfg(32, 16, 4, 1)}
+    errs = run_and_compare(q, r, k, v, g, configs=configs, tri=tri)
+    assert max(errs.values()) < 1e-4, errs
+
+
+def test_non_contiguous_inputs_are_accepted(tri):
+    (q, r, k, v), _ = make_inputs(1, 9, 2, 2, 16, torch.float32, seed=2)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, [B, H, T, D] memory
+    assert not q_t.is_contiguous()
+    out = parallax_attention(q_t, r, k, v, impl="triton")
+    torch.testing.assert_close(out, reference_attention(q, r, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_uses_the_reference_on_cpu(tri):
+    (q, r, k, v), _ = make_inputs(1, 5, 2, 2, 8, torch.float32)
+    assert torch.equal(parallax_attention(q, r, k, v), reference_attention(q, r, k, v))
+    assert torch.equal(parallax_attention(q, r, k, v, impl="auto"), reference_attention(q, r, k, v))
+
+
+def _qrkv(dtype=torch.float32, D=16, Dv=None, T=5):
+    q, r, k = (torch.randn(1, T, 2, D, dtype=dtype) for _ in range(3))
+    v = torch.randn(1, T, 2, D if Dv is None else Dv, dtype=dtype)
+    return q, r, k, v
+
+
+@pytest.mark.parametrize(
+    "make,kwargs,match",
+    [
+        (lambda: _qrkv(), {"causal": False}, "causal only"),
+        (lambda: _qrkv(torch.float64), {}, "dtypes"),
+        (lambda: _qrkv(torch.bfloat16), {}, "bfloat16 is not supported under TRITON_INTERPRET"),
+        (lambda: _qrkv(D=24), {}, "head_dim in"),
+        (lambda: _qrkv(Dv=8), {}, "value head_dim"),
+        (lambda: _qrkv()[:3] + (torch.randn(1, 5, 3, 16),), {}, "agree in batch, seq and heads"),
+        (lambda: (torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 8), *_qrkv()[2:]), {}, "shape of q"),
+        (lambda: _qrkv(), {"impl": "cuda"}, "impl must be one of"),
+    ],
+)
+def test_bad_inputs_raise_value_error(tri, make, kwargs, match):
+    kwargs = {"impl": "triton", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        parallax_attention(*make(), **kwargs)
+
+
+def test_cpu_tensors_need_the_interpreter(tri, monkeypatch):
+    monkeypatch.setattr(tri, "INTERPRET", False)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        parallax_attention(*_qrkv(), impl="triton")
+
+
+def _script(*args: str, interpret: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("script", ["benchmarks/check_parallax_triton.py", "benchmarks/bench_parallax_train.py"])
+def test_gpu_scripts_parse_args(script):
+    proc = _script(script, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--out" in proc.stdout
+
+
+def test_check_script_cpu_smoke(tmp_path):
+    proc = _script("benchmarks/check_parallax_triton.py", "--cpu-smoke", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = (tmp_path / "parallax_triton_check.md").read_text()
+    assert "| all |" in report and "FAIL" not in report

@@ -25,6 +25,7 @@ import importlib.metadata
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,12 +173,15 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         raise SystemExit("no CUDA device: the kernel path needs one; use --cpu-dry-run to run the reference half")
     rows = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for preset, overrides in VARIANTS:
+        started = time.perf_counter()
         rows += check_variant(preset, overrides, args, device)
         print(*rows[-1], sep=" | ", flush=True)
+        print(f"{preset} {overrides or ''}: {time.perf_counter() - started:.1f} s (kernel compile included)", flush=True)
+        # Rewritten after every layer, so a run stopped by a time limit still leaves the rows it finished.
+        args.out.write_text(render(rows, args, device, argv))
     text = render(rows, args, device, argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
     print(text)
     return args.out
 

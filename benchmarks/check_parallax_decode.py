@@ -38,22 +38,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def poison_allocations(torch):
-    """Every torch.empty / empty_like returns NaN-filled memory (floating dtypes), so unwritten output fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*a, **k):
-        x = empty(*a, **k)
-        return x.fill_(float("nan")) if x.is_floating_point() else x
-
-    def nan_empty_like(*a, **k):
-        x = empty_like(*a, **k)
-        return x.fill_(float("nan")) if x.is_floating_point() else x
-
-    torch.empty, torch.empty_like = nan_empty, nan_empty_like
-    return lambda: setattr(torch, "empty", empty) or setattr(torch, "empty_like", empty_like)
-
-
 def draw_shape(rng: random.Random, impl: str, max_splits: int, cpu: bool) -> dict:
     D = rng.choice([64, 128])
     group = rng.choice([1, 2, 4, 8])
@@ -114,6 +98,7 @@ def main(argv=None) -> int:
     import torch
 
     from kernels.parallax.decode import MAX_SPLITS, parallax_decode
+    from kernels.testing import nan_filled_empty
 
     cpu = args.cpu_smoke
     if not cpu and not torch.cuda.is_available():
@@ -141,11 +126,8 @@ def main(argv=None) -> int:
             try:
                 q, r, k, v, lens = make_case(torch, shape, dtype, device, gen)
                 ref = reference(torch, q, r, k, v, lens)
-                restore = poison_allocations(torch)
-                try:
+                with nan_filled_empty():
                     out = parallax_decode(q, r, k, v, cache_seqlens=lens, impl=impl, num_splits=shape["splits"])
-                finally:
-                    restore()
                 if not cpu:
                     torch.cuda.synchronize()
                 row["nan"] = bool(out.isnan().any())

@@ -16,7 +16,6 @@ status 0 when every shape passed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime
 import math
@@ -142,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from kernels.parallax import parallax_attention
     from kernels.parallax import triton as tri
     from kernels.parallax.reference import parallax_attention as reference
+    from kernels.testing import nan_filled_empty
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if args.cpu_smoke:
@@ -154,21 +154,6 @@ def run(args: argparse.Namespace) -> int:
         torch.backends.cudnn.allow_tf32 = False
         device = torch.device("cuda")
         specs = make_specs(args.n_shapes, args.seed, lambda D, dt: len(tri.candidate_configs("fwd", D, dtypes[dt])))
-
-    @contextlib.contextmanager
-    def poisoned_empty():
-        """torch.empty / empty_like give NaN-filled memory: an output element the kernels skip shows up as NaN."""
-        empty, empty_like = torch.empty, torch.empty_like
-
-        def fill(x):
-            return x.fill_(float("nan")) if x.is_floating_point() else x
-
-        torch.empty = lambda *a, **kw: fill(empty(*a, **kw))
-        torch.empty_like = lambda *a, **kw: fill(empty_like(*a, **kw))
-        try:
-            yield
-        finally:
-            torch.empty, torch.empty_like = empty, empty_like
 
     def check(spec: Spec) -> dict:
         dtype = dtypes[spec.dtype]
@@ -186,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         inputs = [x.to(dtype) for x in (q, r, k, v)]
         g = g.to(dtype)
         leaves = [x.clone().requires_grad_() for x in inputs]
-        with poisoned_empty():
+        with nan_filled_empty():
             if spec.configs == "auto":
                 out = parallax_attention(*leaves, scale=spec.scale, impl="triton")
             else:

@@ -15,6 +15,7 @@ import torch
 import kernels.parallax as parallax_pkg
 from kernels.parallax import parallax_attention
 from kernels.parallax.reference import parallax_attention as reference_attention
+from kernels.testing import nan_filled_empty
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = "kernels.parallax.triton"
@@ -39,15 +40,10 @@ def tri():
 
 
 @pytest.fixture
-def poisoned_empty(monkeypatch):
+def poisoned_empty():
     """torch.empty / empty_like return NaN-filled tensors, so any element a kernel fails to write shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(x):
-        return x.fill_(float("nan")) if x.is_floating_point() else x
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))
+    with nan_filled_empty():
+        yield
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float) -> float:

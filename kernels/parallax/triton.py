@@ -8,13 +8,22 @@ streams over the K/V tiles once, keeping fp32 state (m, l, R, O, OR) with ONE ru
     l = alpha l + rowsum P   R = alpha R + rowsum(P*U)   O = alpha O + P V   OR = alpha OR + (P*U) V
     v_bar = O / l   u_bar = R / l   o = v_bar (1 + u_bar) - OR / l
 
-and saves o (input dtype) with its rounding residual o_res (16-bit inputs only), v_bar (fp32), lse2 = m + log2 l
-and u_bar (fp32, `[B, H, T_q]`). The backward runs two kernels: dq/dr per query tile (it also computes t = g.o and
-b = g.v_bar, the "preprocess", from fp32-accurate o and v_bar, and stores them), then dk/dv per key tile, which
-loops over the query heads of its KV head (GQA sums inside the kernel, no buffer):
+and saves only lse2 = m + log2 l and u_bar (fp32, `[B, H, T_q]`) beside its inputs. The backward runs two kernels:
+dq/dr per query tile, then dk/dv per key tile, which loops over the query heads of its KV head (GQA sums inside the
+kernel, no buffer):
 
     a = g.v_j   dS = p [a - t + (u_bar - u)(a - b)]   dU = -p (a - b)
     dq = c sum_j dS k_j   dr = sum_j dU k_j   dk = sum_i (c dS q_i + dU r_i)   dv = sum_i p (1 + u_bar - u) g_i
+
+The row statistics b = g.v_bar = sum_j p a and t = g.o = sum_j p a (1 + u_bar - u) are what keep dq, dr and dk
+accurate: dq and dr are sums of terms that cancel (sum_j dS = sum_j dU = 0), so any mismatch between t, b and the
+backward's own p, u, a shows up as an error t * mu_k in dq. The dq kernel therefore computes b and t in a first pass
+over the keys from the same p, u and a it then uses (three extra dots per tile), instead of from the rounded forward
+output; it stores them for the dk/dv kernel. Nothing [B, T, H, D]-sized is saved beyond the inputs.
+
+For 16-bit inputs the forward's P V and (P*U) V dots take P and P*U as a bf16/fp16 pair hi + lo (two dots each):
+v_bar (1 + u_bar) - OR cancels when the probe scores are large, and one 16-bit rounding of P*U alone put max-norm
+errors of ~1e-2 into o (docs: analysis/kernels/parallax_triton_check.md).
 
 Layout `[B, T, H, D]` (contiguous; the wrapper copies other strides). Causal masks are end-aligned: query i sees
 key j iff j <= i + (T_k - T_q). Only tiles that cross the diagonal or a ragged edge apply a mask. Head dims 8..128
@@ -118,8 +127,18 @@ def _tuned(kind: str):
 
 
 @triton.jit
+def _dot_split(x, y, acc, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """acc + x @ y for fp32 x and 16-bit y: x rounded once to y's dtype, or (SPLIT) as hi + lo, ~16 bits of x."""
+    x_hi = x.to(y.dtype)
+    acc = tl.dot(x_hi, y, acc, input_precision=PREC)
+    if SPLIT:
+        acc = tl.dot((x - x_hi.to(tl.float32)).to(y.dtype), y, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m, offs_n, causal_off, T_k, qk_scale2,
-              MASK: tl.constexpr, PREC: tl.constexpr):
+              MASK: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2  # [BM, BN] logits in base 2
     u = tl.dot(r, tl.trans(k), input_precision=PREC) - u_shift[:, None]  # [BM, BN] probe scores, unscaled
     if MASK:
@@ -132,16 +151,17 @@ def _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m, offs_n,
     pu = p * u
     l_i = l_i * alpha + tl.sum(p, 1)
     r_i = r_i * alpha + tl.sum(pu, 1)
-    acc_o = tl.dot(p.to(v.dtype), v, acc_o * alpha[:, None], input_precision=PREC)
-    acc_or = tl.dot(pu.to(v.dtype), v, acc_or * alpha[:, None], input_precision=PREC)
+    acc_o = _dot_split(p, v, acc_o * alpha[:, None], PREC, SPLIT)
+    acc_or = _dot_split(pu, v, acc_or * alpha[:, None], PREC, SPLIT)
     return m_new, l_i, r_i, acc_o, acc_or
 
 
 @_tuned("fwd")
 @triton.jit(do_not_specialize=["T_q", "T_k", "TUNE_KEY", "H", "GROUP"])
-def _fwd_kernel(Q, R, K, V, O, ORES, VBAR, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
+def _fwd_kernel(Q, R, K, V, O, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
                 H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    SPLIT: tl.constexpr = Q.dtype.element_ty != tl.float32
     H_KV = H // GROUP
     Q_ROW = H * HEAD_DIM  # elements between consecutive tokens of q, r, o, v_bar
     KV_ROW = H_KV * HEAD_DIM
@@ -191,7 +211,7 @@ def _fwd_kernel(Q, R, K, V, O, ORES, VBAR, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE
             k = tl.load(k_base + kv_tile, mask=d_ok[None, :], other=0.0)
             v = tl.load(v_base + kv_tile, mask=d_ok[None, :], other=0.0)
         m_i, l_i, r_i, acc_o, acc_or = _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m,
-                                                 start_n + arange_n, causal_off, T_k, qk_scale2, False, PREC)
+                                                 start_n + arange_n, causal_off, T_k, qk_scale2, False, PREC, SPLIT)
         k_base += BLOCK_N * KV_ROW
         v_base += BLOCK_N * KV_ROW
     # Tiles crossing the diagonal or the end of the keys.
@@ -202,7 +222,7 @@ def _fwd_kernel(Q, R, K, V, O, ORES, VBAR, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE
         k = tl.load(k_base + kv_tile, mask=kv_mask, other=0.0)
         v = tl.load(v_base + kv_tile, mask=kv_mask, other=0.0)
         m_i, l_i, r_i, acc_o, acc_or = _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m, offs_n,
-                                                 causal_off, T_k, qk_scale2, True, PREC)
+                                                 causal_off, T_k, qk_scale2, True, PREC, SPLIT)
         k_base += BLOCK_N * KV_ROW
         v_base += BLOCK_N * KV_ROW
 
@@ -210,11 +230,7 @@ def _fwd_kernel(Q, R, K, V, O, ORES, VBAR, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE
     v_bar = acc_o * inv_l[:, None]
     u_bar = r_i * inv_l  # shifted
     o = v_bar * (1.0 + u_bar[:, None]) - acc_or * inv_l[:, None]
-    o_out = o.to(O.dtype.element_ty)
-    tl.store(O + q_off, o_out, mask=q_mask)
-    if O.dtype.element_ty != tl.float32:  # what rounding o lost, so the backward's t = g.o is fp32-accurate
-        tl.store(ORES + q_off, (o - o_out.to(tl.float32)).to(ORES.dtype.element_ty), mask=q_mask)
-    tl.store(VBAR + q_off, v_bar, mask=q_mask)  # fp32
+    tl.store(O + q_off, o.to(O.dtype.element_ty), mask=q_mask)
     row_off = pid_bh.to(tl.int64) * T_q + offs_m
     tl.store(LSE2 + row_off, m_i + tl.math.log2(l_i), mask=row_ok)
     tl.store(UBAR + row_off, u_bar + u_shift, mask=row_ok)  # unshifted: the backward recomputes plain u
@@ -226,9 +242,9 @@ def _fwd_kernel(Q, R, K, V, O, ORES, VBAR, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE
 
 
 @triton.jit
-def _dq_step(q, r, g, k, v, acc_dq, acc_dr, lse2, u_bar, t, b_row, offs_m, offs_n, causal_off, T_k, qk_scale2,
-             MASK: tl.constexpr, PREC: tl.constexpr):
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2  # [BM, BN]
+def _scores(q, r, g, k, v, lse2, offs_m, offs_n, causal_off, T_k, qk_scale2, MASK: tl.constexpr, PREC: tl.constexpr):
+    """p, u and a = g.v of a [BM, BN] tile, recomputed; masked positions give p = u = 0."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
     u = tl.dot(r, tl.trans(k), input_precision=PREC)
     if MASK:
         visible = (offs_n[None, :] <= offs_m[:, None] + causal_off) & (offs_n[None, :] < T_k)
@@ -236,6 +252,22 @@ def _dq_step(q, r, g, k, v, acc_dq, acc_dr, lse2, u_bar, t, b_row, offs_m, offs_
         u = tl.where(visible, u, 0.0)
     p = tl.math.exp2(s - lse2[:, None])
     a = tl.dot(g, tl.trans(v), input_precision=PREC)  # a_ij = g_i . v_j
+    return p, u, a
+
+
+@triton.jit
+def _row_stats_step(q, r, g, k, v, b_row, t, lse2, u_bar, offs_m, offs_n, causal_off, T_k, qk_scale2,
+                    MASK: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate b = sum_j p a and t = sum_j p a (1 + u_bar - u) over one key tile, in fp32."""
+    p, u, a = _scores(q, r, g, k, v, lse2, offs_m, offs_n, causal_off, T_k, qk_scale2, MASK, PREC)
+    pa = p * a
+    return b_row + tl.sum(pa, 1), t + tl.sum(pa * (1.0 + u_bar[:, None] - u), 1)
+
+
+@triton.jit
+def _dq_step(q, r, g, k, v, acc_dq, acc_dr, lse2, u_bar, t, b_row, offs_m, offs_n, causal_off, T_k, qk_scale2,
+             MASK: tl.constexpr, PREC: tl.constexpr):
+    p, u, a = _scores(q, r, g, k, v, lse2, offs_m, offs_n, causal_off, T_k, qk_scale2, MASK, PREC)
     a_minus_b = a - b_row[:, None]
     ds = p * (a - t[:, None] + (u_bar[:, None] - u) * a_minus_b)
     du = -(p * a_minus_b)
@@ -246,7 +278,7 @@ def _dq_step(q, r, g, k, v, acc_dq, acc_dr, lse2, u_bar, t, b_row, offs_m, offs_
 
 @_tuned("dq")
 @triton.jit(do_not_specialize=["T_q", "T_k", "TUNE_KEY", "H", "GROUP"])
-def _bwd_dq_kernel(Q, R, K, V, O, ORES, VBAR, GO, LSE2, UBAR, TT, BB, DQ, DR, qk_scale, qk_scale2, T_q, T_k, TUNE_KEY,
+def _bwd_dq_kernel(Q, R, K, V, GO, LSE2, UBAR, TT, BB, DQ, DR, qk_scale, qk_scale2, T_q, T_k, TUNE_KEY,
                    H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     H_KV = H // GROUP
@@ -269,19 +301,7 @@ def _bwd_dq_kernel(Q, R, K, V, O, ORES, VBAR, GO, LSE2, UBAR, TT, BB, DQ, DR, qk
     q = tl.load(Q + q_off, mask=q_mask, other=0.0)
     r = tl.load(R + q_off, mask=q_mask, other=0.0)
     g = tl.load(GO + q_off, mask=q_mask, other=0.0)
-
-    # The "preprocess": t = g.o and b = g.v_bar per row, kept here and stored for the dk/dv kernel.
-    g32 = g.to(tl.float32)
-    # Both from fp32-accurate o and v_bar: their bf16 roundings alone would put errors of ~1e-1 into dq and dr
-    # where these are small (dq and dk move with t through mu = sum_j p_ij k_j, dr with b).
-    o = tl.load(O + q_off, mask=q_mask, other=0.0).to(tl.float32)
-    if O.dtype.element_ty != tl.float32:
-        o += tl.load(ORES + q_off, mask=q_mask, other=0.0).to(tl.float32)
-    t = tl.sum(g32 * o, 1)
-    b_row = tl.sum(g32 * tl.load(VBAR + q_off, mask=q_mask, other=0.0), 1)
     row_off = pid_bh.to(tl.int64) * T_q + offs_m
-    tl.store(TT + row_off, t, mask=row_ok)
-    tl.store(BB + row_off, b_row, mask=row_ok)
     lse2 = tl.load(LSE2 + row_off, mask=row_ok, other=0.0)
     u_bar = tl.load(UBAR + row_off, mask=row_ok, other=0.0)
 
@@ -289,12 +309,42 @@ def _bwd_dq_kernel(Q, R, K, V, O, ORES, VBAR, GO, LSE2, UBAR, TT, BB, DQ, DR, qk
     # loop-carried [BLOCK_N, BLOCK_D] pointer tensors.
     kv_tile = arange_n[:, None] * KV_ROW + offs_d[None, :]
     kv_start = b.to(tl.int64) * T_k * KV_ROW + (h // GROUP) * HEAD_DIM
+    n_full = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N
+    n_end = tl.minimum(T_k, m0 + BLOCK_M + causal_off)
+
+    # Pass 1: the row statistics b and t (module docstring), stored for the dk/dv kernel.
+    b_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t = tl.zeros([BLOCK_M], dtype=tl.float32)
+    k_base = K + kv_start
+    v_base = V + kv_start
+    for start_n in range(0, n_full, BLOCK_N):
+        if BLOCK_D == HEAD_DIM:
+            k = tl.load(k_base + kv_tile)
+            v = tl.load(v_base + kv_tile)
+        else:
+            k = tl.load(k_base + kv_tile, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + kv_tile, mask=d_ok[None, :], other=0.0)
+        b_row, t = _row_stats_step(q, r, g, k, v, b_row, t, lse2, u_bar, offs_m, start_n + arange_n, causal_off, T_k,
+                                   qk_scale2, False, PREC)
+        k_base += BLOCK_N * KV_ROW
+        v_base += BLOCK_N * KV_ROW
+    for start_n in range(n_full, n_end, BLOCK_N):
+        offs_n = start_n + arange_n
+        kv_mask = (offs_n[:, None] < T_k) & d_ok[None, :]
+        k = tl.load(k_base + kv_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kv_tile, mask=kv_mask, other=0.0)
+        b_row, t = _row_stats_step(q, r, g, k, v, b_row, t, lse2, u_bar, offs_m, offs_n, causal_off, T_k, qk_scale2,
+                                   True, PREC)
+        k_base += BLOCK_N * KV_ROW
+        v_base += BLOCK_N * KV_ROW
+    tl.store(TT + row_off, t, mask=row_ok)
+    tl.store(BB + row_off, b_row, mask=row_ok)
+
+    # Pass 2: dq and dr.
     k_base = K + kv_start
     v_base = V + kv_start
     acc_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_dr = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    n_full = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         if BLOCK_D == HEAD_DIM:
             k = tl.load(k_base + kv_tile)
@@ -306,7 +356,6 @@ def _bwd_dq_kernel(Q, R, K, V, O, ORES, VBAR, GO, LSE2, UBAR, TT, BB, DQ, DR, qk
                                   causal_off, T_k, qk_scale2, False, PREC)
         k_base += BLOCK_N * KV_ROW
         v_base += BLOCK_N * KV_ROW
-    n_end = tl.minimum(T_k, m0 + BLOCK_M + causal_off)
     for start_n in range(n_full, n_end, BLOCK_N):
         offs_n = start_n + arange_n
         kv_mask = (offs_n[:, None] < T_k) & d_ok[None, :]
@@ -473,25 +522,21 @@ def _meta(q: torch.Tensor, k: torch.Tensor) -> dict:
 def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None):
     """Forward. Inputs contiguous `[B, T, H, D]` (k, v: `[B, T_k, H_kv, D]`).
 
-    Returns `(o, o_res, v_bar, lse2, u_bar)`: o `[B, T_q, H, D]` in the input dtype; o_res the rounding residual
-    of o (fp32 o - o, in the input dtype; None for fp32); v_bar `[B, T_q, H, D]` fp32; lse2 (= m + log2 l, in base-2
-    units of the logits c*log2(e)*q.k) and u_bar `[B, H, T_q]` fp32.
+    Returns `(o, lse2, u_bar)`: o `[B, T_q, H, D]` in the input dtype; lse2 (= m + log2 l, in base-2 units of the
+    logits c*log2(e)*q.k) and u_bar `[B, H, T_q]` fp32.
     """
     B, T_q, H, D = q.shape
     T_k = k.shape[1]
     o = torch.empty_like(q)
-    o_res = None if q.dtype == torch.float32 else torch.empty_like(q)
-    v_bar = torch.empty(B, T_q, H, D, device=q.device, dtype=torch.float32)
     lse2 = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     u_bar = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     grid = lambda meta: (B * H, triton.cdiv(T_q, meta["BLOCK_M"]))  # noqa: E731
-    args = (q, r, k, v, o, o if o_res is None else o_res, v_bar, lse2, u_bar, scale * _LOG2E, T_q, T_k,
-            _tune_key(T_q, B * H))
+    args = (q, r, k, v, o, lse2, u_bar, scale * _LOG2E, T_q, T_k, _tune_key(T_q, B * H))
     _launch(_fwd_kernel, grid, args, _meta(q, k), (configs or {}).get("fwd"))
-    return o, o_res, v_bar, lse2, u_bar
+    return o, lse2, u_bar
 
 
-def parallax_bwd(q, r, k, v, o, o_res, v_bar, lse2, u_bar, grad_o, scale: float, configs: KernelConfigs | None = None):
+def parallax_bwd(q, r, k, v, lse2, u_bar, grad_o, scale: float, configs: KernelConfigs | None = None):
     """Backward: `(dq, dr, dk, dv)` in the input dtypes, from the tensors `parallax_fwd` returned."""
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
@@ -503,7 +548,7 @@ def parallax_bwd(q, r, k, v, o, o_res, v_bar, lse2, u_bar, grad_o, scale: float,
     t = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     b = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     grid_q = lambda meta: (B * H, triton.cdiv(T_q, meta["BLOCK_M"]))  # noqa: E731
-    args = (q, r, k, v, o, o if o_res is None else o_res, v_bar, grad_o, lse2, u_bar, t, b, dq, dr, scale,
+    args = (q, r, k, v, grad_o, lse2, u_bar, t, b, dq, dr, scale,
             scale * _LOG2E, T_q, T_k, key)
     _launch(_bwd_dq_kernel, grid_q, args, meta, configs.get("dq"))
     grid_kv = lambda meta: (B * H_kv, triton.cdiv(T_k, meta["BLOCK_N"]))  # noqa: E731
@@ -513,19 +558,39 @@ def parallax_bwd(q, r, k, v, o, o_res, v_bar, lse2, u_bar, grad_o, scale: float,
 
 
 class ParallaxTritonFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, r, k, v, scale: float, configs: KernelConfigs | None):
-        o, o_res, v_bar, lse2, u_bar = parallax_fwd(q, r, k, v, scale, configs)
-        ctx.save_for_backward(q, r, k, v, o, o_res, v_bar, lse2, u_bar)
-        ctx.scale = scale
-        ctx.configs = configs
-        return o
+    """`(o, lse2, u_bar)` of `parallax_fwd`; differentiable in q, r, k, v through o (lse2 and u_bar are saved state).
+
+    Supports `torch.vmap` (the stacked training of mad/stacked_model.py): the vmapped dimension is folded into the
+    batch, so N runs take one launch per kernel.
+    """
 
     @staticmethod
-    def backward(ctx, grad_o):
-        q, r, k, v, o, o_res, v_bar, lse2, u_bar = ctx.saved_tensors
-        grads = parallax_bwd(q, r, k, v, o, o_res, v_bar, lse2, u_bar, grad_o.contiguous(), ctx.scale, ctx.configs)
+    def forward(q, r, k, v, scale: float, configs: KernelConfigs | None):
+        return parallax_fwd(q, r, k, v, scale, configs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, r, k, v, scale, configs = inputs
+        _, lse2, u_bar = output
+        ctx.mark_non_differentiable(lse2, u_bar)
+        ctx.save_for_backward(q, r, k, v, lse2, u_bar)
+        ctx.scale, ctx.configs = scale, configs
+
+    @staticmethod
+    def backward(ctx, grad_o, _grad_lse2, _grad_u_bar):
+        q, r, k, v, lse2, u_bar = ctx.saved_tensors
+        grads = parallax_bwd(q, r, k, v, lse2, u_bar, grad_o.contiguous(), ctx.scale, ctx.configs)
         return (*grads, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, q, r, k, v, scale, configs):
+        def folded(x, dim):  # [..N.., B, T, H, D] -> [N * B, T, H, D]
+            x = x.unsqueeze(0).expand(info.batch_size, *x.shape) if dim is None else x.movedim(dim, 0)
+            return x.flatten(0, 1).contiguous()
+
+        q, r, k, v = (folded(x, d) for x, d in zip((q, r, k, v), in_dims[:4]))
+        outputs = ParallaxTritonFunction.apply(q, r, k, v, scale, configs)
+        return tuple(x.unflatten(0, (info.batch_size, -1)) for x in outputs), (0, 0, 0)
 
 
 MAX_SEQ_LEN = 1 << 20  # launch grids put query tiles on grid axis 1 (at most 65535 tiles of 16)
@@ -567,4 +632,4 @@ def parallax_attention_triton(q, r, k, v, *, scale: float | None = None, configs
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # Non-contiguous views (e.g. split from a fused projection) are copied once; the kernels assume [B, T, H, D].
     q, r, k, v = (x.contiguous() for x in (q, r, k, v))
-    return ParallaxTritonFunction.apply(q, r, k, v, scale, configs)
+    return ParallaxTritonFunction.apply(q, r, k, v, scale, configs)[0]

@@ -57,10 +57,7 @@ def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | No
 
 def launch(cfg: DictConfig, run_dir: Path) -> dict | None:
     """Validate; then skip (already finished), list (dry run) or train the run. Returns its record, if any."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    check_config(resolved)
-    _check_schedule_and_diagnostics(resolved)
-    previous = finished_record(run_dir, resolved, force=cfg.force)
+    resolved, previous = validate(cfg, run_dir)
     if cfg.dry_run:
         Console(soft_wrap=True).print(f"{'done' if previous else 'to run'}: {run_dir}")
         return previous
@@ -70,7 +67,8 @@ def launch(cfg: DictConfig, run_dir: Path) -> dict | None:
     device, lease = choose_device(cfg.launch.device, runs_per_gpu=cfg.launch.runs_per_gpu,
                                   lock_dir=Path(cfg.launch.gpu_lock_dir))  # fmt: skip
     try:
-        record = run(cfg, resolved, run_dir, device)
+        record = run(cfg, resolved, run_dir, device, attention=HydraConfig.get().runtime.choices.get("attention"),
+                     repo=Path(get_original_cwd()))  # fmt: skip
     finally:
         if lease is not None:
             lease.release()
@@ -78,43 +76,73 @@ def launch(cfg: DictConfig, run_dir: Path) -> dict | None:
     return record
 
 
-def run(cfg: DictConfig, resolved: dict, run_dir: Path, device: torch.device) -> dict:
-    """Build, train and record one validated run; returns the record written to `run_dir / result.json`."""
-    autocast_dtype = autocast_dtype_for(cfg.train.precision, device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg)  # raises ValueError on impossible layer settings, before any data work
-    if cfg.init_from:
-        source, weights = load_source(Path(to_absolute_path(cfg.init_from)))
-        check_fit(source, resolved)
-        load_converted(model, weights)
+def validate(cfg: DictConfig, run_dir: Path) -> tuple[dict, dict | None]:
+    """(the resolved config, the finished record of this config in `run_dir` or None); ConfigError if bad."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    check_config(resolved)
+    _check_schedule_and_diagnostics(resolved)
+    return resolved, finished_record(run_dir, resolved, force=cfg.force)
+
+
+def run(cfg: DictConfig, resolved: dict, run_dir: Path, device: torch.device, *, attention: str, repo: Path) -> dict:
+    """Build, train and record one validated run; returns the record written to `run_dir / result.json`.
+
+    `attention` is the preset's name (Hydra's choice) and `repo` the launch directory, both for the record.
+    """
+    model = initial_model(cfg, resolved)  # raises ValueError on impossible layer settings, before any data work
     optimizers = build_optimizers(model, resolved["optimizer"])
     schedules = build_schedules(optimizers, resolved["train"]["schedule"], epochs=cfg.train.epochs)
-    cache = Path(to_absolute_path(cfg.data_cache)) if cfg.data_cache else None
-    setting = task_setting(resolved["task"])
-    record = _record_header(cfg, resolved, model, device)
+    record = record_header(cfg, resolved, model, device, attention=attention, repo=repo)
     started = time.perf_counter()
     try:
-        train_split = load_split(cfg.task.name, "train", cfg.task.num_train_examples, cfg.seed, setting, cache)
-        test_split = load_split(cfg.task.name, "test", cfg.task.num_test_examples, cfg.seed, setting, cache)
-        loop = LoopConfig(
-            epochs=cfg.train.epochs,
-            batch_size=cfg.train.batch_size,
-            early_stop_accuracy=cfg.train.early_stop_accuracy,
-            seed=cfg.seed,
-            device=device,
-            autocast_dtype=autocast_dtype,
-            progress=cfg.progress,
-            diagnostics_batch=cfg.diagnostics_batch if cfg.diagnostics else 0,
-        )
-        result = train(model, optimizers, schedules, train_split, test_split, loop)
+        train_split, test_split = load_splits(cfg, resolved)
+        result = train(model, optimizers, schedules, train_split, test_split, loop_config(cfg, device))
     except Exception as e:
         record.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.perf_counter() - started)
         write_json_atomically(run_dir / RECORD_NAME, record)
         raise
-    record.update(_summary(result), wall_time_s=time.perf_counter() - started)
-    torch.save(model.state_dict(), run_dir / WEIGHTS_NAME)
-    write_json_atomically(run_dir / RECORD_NAME, record)
+    finish_record(record, result, model.state_dict(), run_dir, time.perf_counter() - started)
     return record
+
+
+def initial_model(cfg: DictConfig, resolved: dict) -> torch.nn.Module:
+    """The run's model as it starts training: seeded initialisation, or the converted `init_from` weights."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    if cfg.init_from:
+        source, weights = load_source(Path(to_absolute_path(cfg.init_from)))
+        check_fit(source, resolved)
+        load_converted(model, weights)
+    return model
+
+
+def load_splits(cfg: DictConfig, resolved: dict):
+    """(train, test) of the run's task setting and seed, through the dataset cache."""
+    cache = Path(to_absolute_path(cfg.data_cache)) if cfg.data_cache else None
+    setting = task_setting(resolved["task"])
+    task = cfg.task
+    return tuple(load_split(task.name, split, n, cfg.seed, setting, cache)
+                 for split, n in (("train", task.num_train_examples), ("test", task.num_test_examples)))  # fmt: skip
+
+
+def loop_config(cfg: DictConfig, device: torch.device) -> LoopConfig:
+    return LoopConfig(
+        epochs=cfg.train.epochs,
+        batch_size=cfg.train.batch_size,
+        early_stop_accuracy=cfg.train.early_stop_accuracy,
+        seed=cfg.seed,
+        device=device,
+        autocast_dtype=autocast_dtype_for(cfg.train.precision, device),
+        progress=cfg.progress,
+        diagnostics_batch=cfg.diagnostics_batch if cfg.diagnostics else 0,
+    )
+
+
+def finish_record(record: dict, result: TrainResult, weights: dict, run_dir: Path, wall_time_s: float) -> None:
+    """Complete `record` with the training result; write the final weights, then the record (atomically)."""
+    record.update(_summary(result), wall_time_s=wall_time_s)
+    torch.save(weights, run_dir / WEIGHTS_NAME)
+    write_json_atomically(run_dir / RECORD_NAME, record)
 
 
 def _check_schedule_and_diagnostics(cfg: dict) -> None:
@@ -130,8 +158,9 @@ def _check_schedule_and_diagnostics(cfg: dict) -> None:
         raise ConfigError(f"diagnostics_batch must be a positive integer (test sequences), got {batch!r}")
 
 
-def _record_header(cfg: DictConfig, resolved: dict, model: torch.nn.Module, device: torch.device) -> dict:
-    choices = HydraConfig.get().runtime.choices
+def record_header(cfg: DictConfig, resolved: dict, model: torch.nn.Module, device: torch.device, *, attention: str,
+                  repo: Path) -> dict:  # fmt: skip
+    """The record of a run about to train (status `running`); `attention` is the preset's name (Hydra's choice)."""
     return {
         "schema": SCHEMA_VERSION,
         "status": "running",
@@ -139,7 +168,7 @@ def _record_header(cfg: DictConfig, resolved: dict, model: torch.nn.Module, devi
         "task": cfg.task.name,
         "setting": task_setting(resolved["task"]) | {
             "num_train_examples": cfg.task.num_train_examples, "num_test_examples": cfg.task.num_test_examples},
-        "attention": choices.get("attention"),
+        "attention": attention,
         "optimizer": cfg.optimizer.name,
         "lr": cfg.optimizer.lr,
         "weight_decay": cfg.optimizer.weight_decay,
@@ -150,7 +179,7 @@ def _record_header(cfg: DictConfig, resolved: dict, model: torch.nn.Module, devi
         "num_params": count_parameters(model),
         "device": describe_device(device),
         "versions": package_versions(),
-        "git": git_revision(Path(get_original_cwd())),
+        "git": git_revision(repo),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
 

@@ -124,6 +124,20 @@ def test_non_contiguous_inputs_are_accepted(tri):
     torch.testing.assert_close(out, reference_attention(q, r, k, v), rtol=1e-5, atol=1e-5)
 
 
+def test_vmap_over_runs_folds_them_into_the_batch(tri, poisoned_empty):
+    """torch.vmap (stacked training, mad/stacked_model.py) gives each slice what its own call gives, gradients too;
+    k and v unbatched (in_dims None) are shared by every slice."""
+    gen = torch.Generator().manual_seed(3)
+    q, r = (torch.randn(2, 2, 13, 4, 16, generator=gen, requires_grad=True) for _ in range(2))
+    k, v = (torch.randn(2, 13, 2, 16, generator=gen, requires_grad=True) for _ in range(2))
+    out = torch.vmap(tri.parallax_attention_triton, in_dims=(0, 0, None, None))(q, r, k, v)
+    want = torch.stack([tri.parallax_attention_triton(q[i], r[i], k, v) for i in range(2)])
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+    g = torch.randn_like(out)
+    for got, ref in zip(torch.autograd.grad(out, (q, r, k, v), g), torch.autograd.grad(want, (q, r, k, v), g)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_auto_uses_the_reference_on_cpu(tri):
     (q, r, k, v), _ = make_inputs(1, 5, 2, 2, 8, torch.float32)
     assert torch.equal(parallax_attention(q, r, k, v), reference_attention(q, r, k, v))
@@ -169,7 +183,8 @@ def _script(*args: str, interpret: bool = False, timeout: int = 300) -> subproce
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("script", ["benchmarks/check_parallax_triton.py", "benchmarks/bench_parallax_train.py"])
+@pytest.mark.parametrize("script", ["benchmarks/check_parallax_triton.py", "benchmarks/bench_parallax_train.py",
+                                    "benchmarks/bench_throughput.py"])
 def test_gpu_scripts_parse_args(script):
     proc = _script(script, "--help")
     assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,126 @@
+"""`hydra/launcher=stacked`: plan every job of a sweep, then train the runs in stacks (mad/stacked_run.py), spread
+over the host's devices.
+
+    python -m mad.run -m +sweep=mad attention=softmax optimizer=adamw hydra/launcher=stacked
+    python -m mad.run -m +sweep=mad ... hydra/launcher=stacked hydra.launcher.workers_per_device=4
+
+Every job's directory, `.hydra/` config and record are those of the basic launcher; finished runs are skipped and
+bad configs are reported before anything trains. Groups go to worker processes, `workers_per_device` per device,
+the largest groups first; with a single worker everything runs in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
+
+
+def resolve_devices(devices: Any, cuda_count: int) -> list[str]:
+    """`auto` -> every CUDA device (`cuda:i`), or `["cpu"]` without one; a list or comma-separated string as given."""
+    if devices == "auto":
+        return [f"cuda:{i}" for i in range(cuda_count)] or ["cpu"]
+    names = devices.split(",") if isinstance(devices, str) else list(devices)
+    names = [str(n).strip() for n in names if str(n).strip()]
+    if not names:
+        raise ValueError(f"hydra.launcher.devices lists no device: {devices!r}; use auto, or e.g. [cuda:0, cuda:1]")
+    return names
+
+
+def worker_slots(devices: list[str], workers_per_device: int) -> list[str]:
+    """One entry per worker, device-major round robin (every device's first worker before any second one)."""
+    if workers_per_device < 1:
+        raise ValueError(f"hydra.launcher.workers_per_device must be >= 1, got {workers_per_device}")
+    return [d for _ in range(workers_per_device) for d in devices]
+
+
+_WORKER_DEVICE: str | None = None
+
+
+def _pin_worker(slots) -> None:
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = slots.get()
+
+
+def _train_group_in_worker(plans, cuda_graph: bool) -> list[dict]:
+    import torch
+
+    from mad.stacked_run import run_group
+
+    device = torch.device(_WORKER_DEVICE)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return run_group(plans, device, cuda_graph=cuda_graph)
+
+
+class StackedLauncher(Launcher):
+    def __init__(self, devices: Any = "auto", workers_per_device: int = 1, max_group: int = 0,
+                 cuda_graph: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        self.devices, self.workers_per_device = devices, workers_per_device
+        self.max_group, self.cuda_graph = max_group, cuda_graph
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context = config, hydra_context
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from mad.stacked_run import RunPlan, group_plans, plan_job
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        returns = [self._plan(overrides, initial_job_idx + i, plan_job) for i, overrides in enumerate(job_overrides)]
+        failed = [r for r in returns if r.status == JobStatus.FAILED]
+        if failed:  # bad configs stop the sweep before anything trains
+            from rich.console import Console
+
+            for r in failed:
+                Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {' '.join(r.overrides)}: {r._return_value}")
+            sys.exit(2)
+        plans = [r.return_value for r in returns if isinstance(r.return_value, RunPlan)]
+        groups = sorted(group_plans(plans, self.max_group), key=len, reverse=True)
+        log.info(f"{len(plans)} runs to train in {len(groups)} groups ({len(returns) - len(plans)} done or listed)")
+        records = self._train(groups)
+        by_dir = {plan.run_dir: record for group, recs in zip(groups, records) for plan, record in zip(group, recs)}
+        for r in returns:
+            if isinstance(r.return_value, RunPlan):
+                r.return_value = by_dir[r.return_value.run_dir]
+        return returns
+
+    def _plan(self, overrides: Sequence[str], idx: int, plan_job: TaskFunction) -> JobReturn:
+        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        return run_job(hydra_context=self.hydra_context, task_function=plan_job, config=sweep_config,
+                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")  # fmt: skip
+
+    def _train(self, groups: list[list]) -> list[list[dict]]:
+        import torch
+
+        slots = worker_slots(resolve_devices(self.devices, torch.cuda.device_count()), self.workers_per_device)
+        if len(slots) == 1 or len(groups) <= 1:
+            from mad.stacked_run import run_group
+
+            device = torch.device(slots[0])
+            return [run_group(group, device, cuda_graph=self.cuda_graph) for group in groups]
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        for slot in slots:
+            queue.put(slot)
+        with ProcessPoolExecutor(len(slots), mp_context=context, initializer=_pin_worker, initargs=(queue,)) as pool:
+            futures = [pool.submit(_train_group_in_worker, group, self.cuda_graph) for group in groups]
+            return [f.result() for f in futures]

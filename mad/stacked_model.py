@@ -1,0 +1,78 @@
+"""N runs of one architecture as one model: every parameter stacked `[N, ...]`, the forward vmapped over runs.
+
+Each run's slice computes exactly what its own module computes (torch.func.vmap over `functional_call`); only the
+kernels are shared, which is what makes many small MAD models fast on one GPU: a step launches the kernels of one
+model, each doing N runs' work.
+
+    stacked = StackedModel([build(seed) for _ in range(N)])
+    logits = stacked(tokens)          # tokens [N, B, T] -> logits [N, B, T, V]
+    stacked.load_into(n, module)      # run n's weights into an ordinary module (records, diagnostics)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+
+class StackedModel(nn.Module):
+    """N modules of identical structure as stacked parameters `[N, ...]` (leaves of their own)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        super().__init__()
+        if not modules:
+            raise ValueError("StackedModel needs at least one module")
+        shapes = [[(name, p.shape) for name, p in m.named_parameters()] for m in modules]
+        if any(s != shapes[0] for s in shapes[1:]):
+            raise ValueError("StackedModel needs modules of identical structure (same parameter names and shapes)")
+        params, _ = stack_module_state(modules)
+        self.names = list(params)
+        self.stacked = nn.ParameterList(nn.Parameter(params[name].detach()) for name in self.names)
+        # Buffers are constants of the architecture (rotary frequencies, sin-cos positions): one copy for all runs.
+        self.buffers_of_all = {name: b.detach().clone() for name, b in modules[0].named_buffers()}
+        for m in modules[1:]:
+            if any(not torch.equal(b, self.buffers_of_all[name]) for name, b in m.named_buffers()):
+                raise ValueError("StackedModel needs modules whose buffers are equal (constants of the architecture)")
+        template = copy.deepcopy(modules[0])
+        self.template = [template.to("meta")]  # a list: not a registered submodule, so no parameters of its own
+
+    @property
+    def num_runs(self) -> int:
+        return self.stacked[0].shape[0]
+
+    def named_stacked(self) -> dict[str, nn.Parameter]:
+        return dict(zip(self.names, self.stacked))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`tokens [N, B, T]` -> the outputs of each run's module on its own slice, stacked `[N, ...]`."""
+        if tokens.shape[0] != self.num_runs:
+            raise ValueError(f"expected inputs for {self.num_runs} runs (first dim), got shape {tuple(tokens.shape)}")
+        template = self.template[0]
+
+        def one_run(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+            return functional_call(template, (params, buffers), (x,), strict=True)
+
+        buffers = {name: b.to(tokens.device) for name, b in self.buffers_of_all.items()}
+        return torch.vmap(one_run, in_dims=(0, None, 0), randomness="error")(self.named_stacked(), buffers, tokens)
+
+    def train(self, mode: bool = True) -> "StackedModel":
+        super().train(mode)
+        self.template[0].train(mode)  # what the vmapped functional_call runs
+        return self
+
+    @torch.no_grad()
+    def load_into(self, run: int, module: nn.Module) -> nn.Module:
+        """Copy run `run`'s parameters into `module` (same structure); returns it."""
+        own = dict(module.named_parameters())
+        for name, stacked in self.named_stacked().items():
+            own[name].copy_(stacked[run])
+        return module
+
+    @torch.no_grad()
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only runs `keep` (indices into the current runs), in that order."""
+        for p in self.stacked:
+            p.data = p.data[keep.to(p.device)]

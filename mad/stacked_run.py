@@ -1,0 +1,130 @@
+"""Runs of a sweep trained together: plan every job, group the runs that can share a stack, train each group.
+
+The `stacked` Hydra launcher (hydra_plugins/mad_stacked_launcher) drives this:
+
+    python -m mad.run -m +sweep=mad attention=softmax optimizer=adamw hydra/launcher=stacked
+
+1. `plan_job` runs inside Hydra's job machinery for every job (so each job directory gets its `.hydra/` config as
+   with any launcher): it validates the config and skips finished runs exactly as `mad.run` does alone.
+2. `group_plans` puts together runs that differ only in the optimizer's lr and weight decay (the MAD grid of one task
+   setting): same architecture, task setting, seed, schedule, everything else.
+3. `run_group` trains one group with mad/stacked_train.py and writes each run's record and weights to its own
+   directory, in the same format as an alone run (plus `stacked_runs`: how many runs shared the stack).
+
+Mixers whose layers cannot be vmapped (the fla baselines' Triton kernels have no batching rule) train alone, one
+run after another, through `mad.run.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_original_cwd
+from omegaconf import DictConfig
+from rich.console import Console
+
+from mad.results import RECORD_NAME, write_json_atomically
+from mad.resume import run_identity
+from mad.run import _print_summary, finish_record, initial_model, load_splits, loop_config, record_header, run, validate
+from mad.stacked_train import StackedRun, train_stacked
+
+# Layers whose forward torch.vmap can batch over stacked weights (SDPA, our Parallax kernels and reference).
+STACKABLE_MIXERS = (
+    "models.attention.softmax.SoftmaxAttention",
+    "models.attention.parallax.ParallaxAttention",
+    "models.attention.sliding_window.SlidingWindowAttention",
+)
+
+
+@dataclass
+class RunPlan:
+    """A validated run still to train."""
+
+    cfg: DictConfig
+    resolved: dict
+    run_dir: Path
+    attention: str  # the preset name (Hydra's choice), for the record
+    repo: Path  # where the sweep was launched (the git revision is read there)
+
+
+def plan_job(cfg: DictConfig) -> RunPlan | dict | None:
+    """Hydra task function of the planning pass: a RunPlan, or the finished record (skipped), or None (dry run)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resolved, previous = validate(cfg, run_dir)
+    console = Console(soft_wrap=True)
+    if cfg.dry_run:
+        console.print(f"{'done' if previous else 'to run'}: {run_dir}")
+        return previous
+    if previous:
+        console.print(f"already finished ({previous['status']}), skipped: {run_dir / RECORD_NAME}")
+        return previous
+    attention = HydraConfig.get().runtime.choices.get("attention")
+    return RunPlan(cfg, resolved, run_dir, attention, Path(get_original_cwd()))
+
+
+def stackable(plan: RunPlan) -> bool:
+    return plan.resolved["attention"]["_target_"] in STACKABLE_MIXERS
+
+
+def group_key(plan: RunPlan) -> str:
+    """Runs with equal keys can share a stack: everything but the optimizer's lr and weight decay is equal."""
+    identity = run_identity(plan.resolved)
+    identity["optimizer"] = {k: v for k, v in identity["optimizer"].items() if k not in ("lr", "weight_decay")}
+    return json.dumps(identity, sort_keys=True, default=str)
+
+
+def group_plans(plans: list[RunPlan], max_group: int = 0) -> list[list[RunPlan]]:
+    """Stackable runs grouped by `group_key` (in first-seen order, at most `max_group` per group when > 0); every
+    other run is a group of its own."""
+    groups: dict[str, list[RunPlan]] = {}
+    singles = []
+    for plan in plans:
+        if stackable(plan):
+            groups.setdefault(group_key(plan), []).append(plan)
+        else:
+            singles.append([plan])
+    chunked = []
+    for members in groups.values():
+        size = max_group if max_group > 0 else len(members)
+        chunked += [members[i : i + size] for i in range(0, len(members), size)]
+    return chunked + singles
+
+
+def run_group(plans: list[RunPlan], device: torch.device, *, cuda_graph: bool) -> list[dict]:
+    """Train one group (mad/stacked_train.py; a lone non-stackable run trains as `mad.run` would) and write every
+    run's record and weights. Returns the records, in order."""
+    if len(plans) == 1 and not stackable(plans[0]):
+        return [_run_alone(plans[0], device)]
+    first = plans[0]
+    runs, records = [], []
+    for plan in plans:
+        model = initial_model(plan.cfg, plan.resolved)
+        runs.append(StackedRun(model, plan.resolved["optimizer"]))
+        record = record_header(plan.cfg, plan.resolved, model, device, attention=plan.attention, repo=plan.repo)
+        records.append(record | {"stacked_runs": len(plans)})
+    started = time.perf_counter()
+    try:
+        train_split, test_split = load_splits(first.cfg, first.resolved)
+        outcomes = train_stacked(runs, first.resolved["train"]["schedule"], train_split, test_split,
+                                 loop_config(first.cfg, device), cuda_graph=cuda_graph and device.type == "cuda")  # fmt: skip
+    except Exception as e:
+        for plan, record in zip(plans, records):
+            record.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.perf_counter() - started)
+            write_json_atomically(plan.run_dir / RECORD_NAME, record)
+        raise
+    wall = time.perf_counter() - started
+    for plan, record, outcome in zip(plans, records, outcomes):
+        finish_record(record, outcome.result, outcome.state_dict, plan.run_dir, wall)
+        _print_summary(record, plan.run_dir)
+    return records
+
+
+def _run_alone(plan: RunPlan, device: torch.device) -> dict:
+    record = run(plan.cfg, plan.resolved, plan.run_dir, device, attention=plan.attention, repo=plan.repo)
+    _print_summary(record, plan.run_dir)
+    return record

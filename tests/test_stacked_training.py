@@ -1,0 +1,210 @@
+"""Several runs trained as one stack (mad/stacked_*.py, the `stacked` launcher) give the records of the same runs
+trained alone, up to floating-point reordering."""
+
+import json
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from hydra_plugins.mad_stacked_launcher.stacked_launcher import resolve_devices, worker_slots
+from mad.config_checks import task_setting
+from mad.data import load_split
+from mad.optim import build_optimizers
+from mad.run import build_model
+from mad.schedules import build_schedules
+from mad.stacked_model import StackedModel
+from mad.stacked_optim import StackedAdamW, StackedMuon
+from mad.stacked_run import RunPlan, group_plans
+from mad.stacked_train import StackedRun, train_stacked
+from mad.train import LoopConfig, train
+from tests.conftest import REPO, records_under
+
+GRID = [(1e-4, 0.0), (5e-3, 0.1), (2e-2, 0.0)]  # (lr, weight decay): slow, middling, fast learners
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=["profile=smoke", "progress=false", *overrides])
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_stacked_optimizers_step_each_run_as_torch_optim_does(name):
+    torch.manual_seed(0)
+    shapes = [(6, 4), (5, 7)] if name == "muon" else [(6, 4), (3,)]
+    lrs, wds = torch.tensor([1e-3, 3e-2, 1e-1]), torch.tensor([0.0, 0.1, 0.3])
+    alone = [[torch.randn(s, requires_grad=True) for s in shapes] for _ in range(3)]
+    stacked = [torch.stack([run[i].detach() for run in alone]).requires_grad_() for i in range(len(shapes))]
+    if name == "adamw":
+        torch_opts = [torch.optim.AdamW(p, lr=float(lr), weight_decay=float(wd), betas=(0.9, 0.98), eps=1e-8)
+                      for p, lr, wd in zip(alone, lrs, wds)]  # fmt: skip
+        ours = StackedAdamW(stacked, lrs, wds, betas=(0.9, 0.98), eps=1e-8)
+    else:
+        torch_opts = [torch.optim.Muon(p, lr=float(lr), weight_decay=float(wd), adjust_lr_fn="match_rms_adamw")
+                      for p, lr, wd in zip(alone, lrs, wds)]  # fmt: skip
+        ours = StackedMuon(stacked, lrs, wds, momentum=0.95, nesterov=True, ns_steps=5, adjust_lr_fn="match_rms_adamw")
+    for _ in range(5):
+        grads = [torch.randn(len(alone), *s) for s in shapes]
+        for n, (run, opt) in enumerate(zip(alone, torch_opts)):
+            for p, g in zip(run, grads):
+                p.grad = g[n].clone()
+            opt.step()
+        for p, g in zip(stacked, grads):
+            p.grad = g.clone()
+        ours.step()
+    tol = 1e-6 if name == "adamw" else 1e-3  # Muon orthogonalises in bf16
+    for i in range(len(shapes)):
+        want = torch.stack([run[i].detach() for run in alone])
+        assert torch.allclose(stacked[i].detach(), want, rtol=0, atol=tol), (stacked[i] - want).abs().max()
+
+
+def test_stacked_model_forward_and_select_match_each_module():
+    cfg = compose_cfg("attention=parallax")
+    modules = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        modules.append(build_model(cfg))
+    stacked = StackedModel(modules)
+    tokens = torch.randint(0, cfg.task.vocab_size, (3, 2, 12))
+    want = torch.stack([m(tokens[i]) for i, m in enumerate(modules)])
+    assert torch.equal(stacked(tokens), want)
+    stacked.select(torch.tensor([2, 0]))
+    assert torch.equal(stacked(tokens[[2, 0]]), want[[2, 0]])
+    assert torch.equal(stacked.load_into(0, build_model(cfg))(tokens[2]), want[2])
+
+
+@pytest.mark.parametrize("attention,optimizer", [("parallax", "adamw"), ("softmax", "muon")])
+def test_stacked_runs_give_the_records_of_alone_runs(attention, optimizer):
+    cfg = compose_cfg(f"attention={attention}", f"optimizer={optimizer}", "task.num_train_examples=256",
+                      "task.num_test_examples=128")  # fmt: skip
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    setting = task_setting(resolved["task"])
+    splits = [load_split(cfg.task.name, s, n, cfg.seed, setting, None) for s, n in (("train", 256), ("test", 128))]
+    # Early stopping between the learners' accuracies after epoch 2, so that the stack shrinks mid-training.
+    loop = LoopConfig(epochs=3, batch_size=64, early_stop_accuracy=0.2, seed=cfg.seed, device=torch.device("cpu"),
+                      autocast_dtype=None, progress=False, diagnostics_batch=8)  # fmt: skip
+    schedule = resolved["train"]["schedule"]
+
+    def fresh_model():
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg)
+
+    alone = []
+    for lr, wd in GRID:
+        model = fresh_model()
+        optimizers = build_optimizers(model, dict(resolved["optimizer"], lr=lr, weight_decay=wd))
+        alone.append(train(model, optimizers, build_schedules(optimizers, schedule, epochs=3), *splits, loop))
+    runs = [StackedRun(fresh_model(), dict(resolved["optimizer"], lr=lr, weight_decay=wd)) for lr, wd in GRID]
+    stacked = [outcome.result for outcome in train_stacked(runs, schedule, *splits, loop)]
+    assert sorted({len(r.epochs) for r in alone}) != [3], "the grid should stop some runs early (test setup)"
+    for a, b in zip(alone, stacked):
+        assert (a.status, a.steps, a.early_stopped, len(a.epochs)) == (b.status, b.steps, b.early_stopped, len(b.epochs))
+        assert a.best_epoch().epoch == b.best_epoch().epoch
+        for ea, eb in zip(a.epochs, b.epochs):
+            assert ea.lr == eb.lr
+            assert math.isclose(ea.train_loss, eb.train_loss, rel_tol=2e-3)
+            assert math.isclose(ea.test_loss, eb.test_loss, rel_tol=2e-3)
+            assert abs(ea.test_accuracy - eb.test_accuracy) < 1e-2
+        assert len(b.diagnostics) == len(b.epochs) and b.initial_diagnostics == a.initial_diagnostics
+
+
+def _plan(**changes):
+    resolved = {"task": {"name": "in_context_recall"}, "seed": 1, "launch": {"device": "auto"},
+                "attention": {"_target_": "models.attention.softmax.SoftmaxAttention"},
+                "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}}  # fmt: skip
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        resolved[section] = dict(resolved[section], **{field: value}) if field else value
+    return RunPlan(cfg=None, resolved=resolved, run_dir=REPO / "x", attention="softmax", repo=REPO)
+
+
+def test_runs_group_by_everything_but_lr_and_weight_decay():
+    grid = [_plan(optimizer__lr=lr, optimizer__weight_decay=wd) for lr in (1e-4, 1e-3) for wd in (0.0, 0.1)]
+    other_seed = _plan(seed=2)
+    launch_only = _plan(launch={"device": "cuda:1"})  # where a run trains does not change what it computes
+    fla = _plan(attention={"_target_": "models.attention.gla.GatedLinearAttention"})
+    groups = group_plans([*grid, other_seed, launch_only, fla])
+    assert [len(g) for g in groups] == [5, 1, 1]
+    assert groups[0][:4] == grid and groups[0][4] is launch_only and groups[1] == [other_seed] and groups[2] == [fla]
+    assert [len(g) for g in group_plans(grid, max_group=3)] == [3, 1]
+
+
+def test_launcher_spreads_workers_over_the_devices():
+    assert resolve_devices("auto", 0) == ["cpu"]
+    assert resolve_devices("auto", 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert resolve_devices("cuda:0, cuda:2", 4) == ["cuda:0", "cuda:2"]
+    assert worker_slots(["cuda:0", "cuda:1"], 3) == ["cuda:0", "cuda:1"] * 3
+    with pytest.raises(ValueError, match="workers_per_device"):
+        worker_slots(["cpu"], 0)
+    with pytest.raises(ValueError, match="lists no device"):
+        resolve_devices([], 2)
+
+
+def test_stacked_launcher_sweep_writes_alone_format_records_and_resumes(cli, tmp_path):
+    args = ["-m", "profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
+            "task.seq_len=16", "train.epochs=1", "attention=softmax", "optimizer.lr=1e-3,5e-3",
+            "optimizer.weight_decay=0.0,0.1", "hydra/launcher=stacked", "hydra.sweep.dir=sweep"]  # fmt: skip
+    proc = cli(args)
+    assert proc.returncode == 0, proc.stderr
+    records = records_under(tmp_path / "sweep")
+    assert len(records) == 4 and {r["status"] for r in records} == {"ok"} and {r["stacked_runs"] for r in records} == {4}
+    assert sorted((r["lr"], r["weight_decay"]) for r in records) == [(1e-3, 0.0), (1e-3, 0.1), (5e-3, 0.0), (5e-3, 0.1)]
+    assert all((p.parent / ".hydra" / "config.yaml").exists() for p in (tmp_path / "sweep").rglob("result.json"))
+    again = cli(args)
+    assert again.returncode == 0 and "4 runs: 4 already finished" in again.stdout
+
+
+def test_stacked_launcher_reports_bad_configs_before_training(cli, tmp_path):
+    proc = cli(["-m", "profile=smoke", "progress=false", "optimizer.lr=1e-3,-1", "hydra/launcher=stacked",
+                "hydra.sweep.dir=sweep"])  # fmt: skip
+    assert proc.returncode == 2 and "lr" in proc.stderr
+    assert not list(tmp_path.rglob("result.json"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; "
+                    "benchmarks/bench_throughput.py checks graph == eager on the GPU before timing")
+def test_graph_captured_step_matches_the_eager_step():
+    from mad.stacked_train import StepFunction
+
+    cfg = compose_cfg("attention=softmax")
+    device = torch.device("cuda")
+    loop = LoopConfig(epochs=1, batch_size=8, early_stop_accuracy=1.0, seed=0, device=device, autocast_dtype=None,
+                      progress=False)  # fmt: skip
+    states = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        stacked = StackedModel([build_model(cfg) for _ in range(2)]).to(device)
+        opt = StackedAdamW(list(stacked.stacked), torch.tensor([1e-3, 1e-2]), torch.tensor([0.0, 0.1]),
+                           betas=(0.9, 0.98), eps=1e-8)  # fmt: skip
+        step = StepFunction(stacked, [opt], loop, cuda_graph=graph)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            tokens = torch.randint(0, 16, (8, 12), generator=gen).to(device)
+            step(tokens, tokens)
+        states.append([p.detach().clone() for p in stacked.stacked])
+    for eager, graphed in zip(*states):
+        assert torch.allclose(eager, graphed, rtol=0, atol=1e-6)
+
+
+def test_records_archive_resumes_exactly_the_finished_runs(cli, tmp_path):
+    from mad.archive import pack, unpack
+
+    args = ["-m", "profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
+            "task.seq_len=16", "train.epochs=1", "attention=softmax", "optimizer.lr=1e-3,5e-3"]  # fmt: skip
+    assert cli([*args, "hydra.sweep.dir=first", "hydra.sweep.subdir=lr${optimizer.lr}"]).returncode == 0
+    failed = next((tmp_path / "first").rglob("result.json"))  # one run made unfinished: it must not travel
+    record = json.loads(failed.read_text())
+    failed.write_text(json.dumps(record | {"status": "failed"}))
+    assert pack(tmp_path / "first", tmp_path / "records.tar.gz") == 1
+    assert unpack(tmp_path / "records.tar.gz", tmp_path / "second") == {"added": 1, "identical": 0, "files": 4}
+    assert unpack(tmp_path / "records.tar.gz", tmp_path / "second")["identical"] == 1  # idempotent
+    dry = cli([*args, "hydra.sweep.dir=second", "hydra.sweep.subdir=lr${optimizer.lr}", "dry_run=true"])
+    assert dry.stdout.count("done: ") == 1 and dry.stdout.count("to run: ") == 1
+    # A different finished record is never replaced.
+    moved = next((tmp_path / "second").rglob("result.json"))
+    moved.write_text(json.dumps(json.loads(moved.read_text()) | {"test_accuracy": 0.5}))
+    with pytest.raises(ValueError, match="different finished record"):
+        unpack(tmp_path / "records.tar.gz", tmp_path / "second")
+    assert json.loads(moved.read_text())["test_accuracy"] == 0.5

@@ -83,29 +83,17 @@ def time_steps(step, steps: int) -> float:
 
 
 def eager_step_fn(cfg, device, compiled: bool):
-    import torch.nn.functional as F
-
     from mad.optim import build_optimizers
-    from mad.run import build_model
-    from mad.tasks import IGNORE_INDEX
+    from mad.run import build_model, loop_config
+    from mad.train import train_step
 
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     forward = torch.compile(model) if compiled else model
     optimizers = build_optimizers(model, {**cfg.optimizer, "betas": list(cfg.optimizer.betas)})
     inputs, targets = make_batch(cfg, device)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = forward(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-
-    return step
+    loop = loop_config(cfg, device)
+    return lambda: train_step(forward, optimizers, inputs, targets, loop)
 
 
 def stacked_step_fn(cfg, device, runs: int, graph: bool, seed: int = 0):

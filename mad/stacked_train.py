@@ -74,8 +74,10 @@ def check_group(runs: list[StackedRun]) -> None:
     """ValueError unless the runs can share one stack: same optimizer except lr and weight decay."""
     if not runs:
         raise ValueError("a stacked group needs at least one run")
+
     def rest(cfg: dict) -> dict:
         return {k: v for k, v in cfg.items() if k not in ("lr", "weight_decay")}
+
     if any(rest(r.optimizer) != rest(runs[0].optimizer) for r in runs[1:]):
         raise ValueError("stacked runs must share every optimizer setting except lr and weight_decay")
 
@@ -160,16 +162,17 @@ class StepFunction:
         with torch.cuda.graph(self.graph):  # records the step; runs nothing until replayed
             self.static_losses = self.eager(self.static_inputs, self.static_targets)
 
-    def _state(self) -> list[torch.Tensor]:
+    def _tensors(self) -> list[torch.Tensor]:
+        """Everything a step changes: the stacked parameters, the optimizers' states and step counts."""
         tensors = list(self.stacked.stacked) + [t for opt in self.optimizers for t in opt.state_tensors()]
-        tensors += [opt.step_count for opt in self.optimizers]
-        return [t.detach().clone() for t in tensors]
+        return tensors + [opt.step_count for opt in self.optimizers]
+
+    def _state(self) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in self._tensors()]
 
     def _restore(self, saved: list[torch.Tensor]) -> None:
-        tensors = list(self.stacked.stacked) + [t for opt in self.optimizers for t in opt.state_tensors()]
-        tensors += [opt.step_count for opt in self.optimizers]
         with torch.no_grad():
-            for t, s in zip(tensors, saved):
+            for t, s in zip(self._tensors(), saved):
                 t.copy_(s)
 
 

@@ -140,17 +140,22 @@ def _train_epoch(model, optimizers, split: Split, order: torch.Generator, cfg: L
     model.train()
     losses = []
     for inputs, targets in train_batches(split, cfg.batch_size, order):
-        with _autocast(cfg):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        losses.append(loss.detach())
+        losses.append(train_step(model, optimizers, inputs, targets, cfg))
         advance()
     return torch.stack(losses).float().cpu()
+
+
+def train_step(model: nn.Module, optimizers, inputs: torch.Tensor, targets: torch.Tensor, cfg: LoopConfig) -> torch.Tensor:
+    """One optimizer step on a batch `([b, T], [b, T])`; returns the loss (detached, on the device)."""
+    with _autocast(cfg):
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    return loss.detach()
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kernels.parallax.decode import MAX_SPLITS, parallax_decode  # noqa: E402
+from kernels.parallax.decode import MAX_SPLITS, hopper_kernel, parallax_decode  # noqa: E402
 from kernels.parallax.reference import parallax_attention  # noqa: E402
 from kernels.testing import nan_filled_empty  # noqa: E402
 
@@ -83,6 +83,14 @@ def test_reference_impl_matches_reference_attention_on_each_prefix(dtype, heads,
 def test_reference_impl_without_seqlens_is_reference_attention():
     q, r, k, v, _ = make_inputs(2, 4, 2, 9, 8, ragged=False)
     torch.testing.assert_close(parallax_decode(q, r, k, v, impl="reference"), parallax_attention(q, r, k, v))
+
+
+def test_auto_on_hopper_takes_the_kernel_measured_faster():
+    # analysis/kernels/parallax_decode_bench.md: Triton at B*H <= 256 query rows, CuTeDSL above; Triton for GQA
+    # groups the CuTeDSL tile cannot hold.
+    assert hopper_kernel(1, 8, 1) == "triton" and hopper_kernel(32, 8, 1) == "triton"
+    assert hopper_kernel(32, 16, 1) == "cute" and hopper_kernel(2048, 8, 1) == "cute"
+    assert hopper_kernel(2048, 16, 16) == "triton"
 
 
 def test_auto_on_cpu_is_the_reference():

@@ -208,3 +208,15 @@ def test_records_archive_resumes_exactly_the_finished_runs(cli, tmp_path):
     with pytest.raises(ValueError, match="different finished record"):
         unpack(tmp_path / "records.tar.gz", tmp_path / "second")
     assert json.loads(moved.read_text())["test_accuracy"] == 0.5
+
+
+def test_stacked_launcher_spreads_groups_over_worker_processes(cli, tmp_path):
+    # Two groups of one run (max_group=1) on two worker processes: plans travel to spawned workers and back.
+    proc = cli(["-m", "profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
+                "task.seq_len=16", "train.epochs=1", "attention=softmax", "optimizer.weight_decay=0.0,0.1",
+                "hydra/launcher=stacked", "hydra.launcher.devices=[cpu,cpu]", "hydra.launcher.max_group=1",
+                "hydra.sweep.dir=sweep"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    records = records_under(tmp_path / "sweep")
+    assert sorted((r["weight_decay"], r["stacked_runs"], r["status"]) for r in records) == [(0.0, 1, "ok"), (0.1, 1, "ok")]
+    assert "2 runs: 2 ran now: ok" in proc.stdout

@@ -25,8 +25,8 @@ M = max_s m_s, sums, and only then finalises o = v̄(1 + ū) − ōr with v̄ = 
 outputs must never be merged with LSE weights: o is not linear in the split (the ū·v̄ term).
 
 Backends (`impl`): "reference" (PyTorch, any device), "triton" (any CUDA GPU; CPU under TRITON_INTERPRET=1),
-"cute" (CuTeDSL, Hopper, see cute_decode.py), "auto" (cute on sm_90 if it imports, else triton on CUDA,
-reference on CPU).
+"cute" (CuTeDSL, Hopper, see cute_decode.py), "auto" (on sm_90 with the DSL importable: triton for B*H <= 256 and
+cute above, as measured, see `hopper_kernel`; triton on other GPUs; reference on CPU).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ _CUTE_DTYPES = (torch.float16, torch.bfloat16)
 _DEFAULT_NUM_SMS = 132  # H200; used when no GPU is there to ask (the interpreter)
 _LOG2E = 1.4426950408889634
 _CUTE_MAX_GROUP = 8  # query heads per KV head in the CuTeDSL tile (rows 0..7 queries, 8..15 probes)
+_TRITON_MAX_ROWS = 256  # impl="auto" on Hopper: B * H up to this runs the Triton kernel (see hopper_kernel)
 _TRITON_PROGRAMS_PER_SM = 2  # 4 warps, 3 pipelined stages of a 64-key K/V tile: about two programs fit an SM
 
 
@@ -84,8 +85,8 @@ def parallax_decode(
     """
     requested = impl
     impl = _resolve_impl(impl, q)
-    if impl == "cute" and requested == "auto" and _group(q, k_cache) > _CUTE_MAX_GROUP:
-        impl = "triton"  # the CuTeDSL tile holds at most 8 query heads (and their probes) per KV head
+    if impl == "cute" and requested == "auto":
+        impl = hopper_kernel(q.shape[0], q.shape[2], _group(q, k_cache))
     _check_inputs(q, r, k_cache, v_cache, cache_seqlens, scale, impl, num_splits)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if impl == "reference":
@@ -105,6 +106,20 @@ def parallax_decode(
             warnings.warn(
                 f"CuTeDSL decode failed ({type(err).__name__}: {err}); impl='auto' falls back to Triton", stacklevel=2)
         return triton_decode(q, r, k_cache, v_cache, cache_seqlens=cache_seqlens, scale=scale, num_splits=num_splits)
+
+
+def hopper_kernel(batch: int, heads: int, group: int) -> str:
+    """The kernel `impl="auto"` runs on Hopper: "triton" or "cute".
+
+    From the H200 table (analysis/kernels/parallax_decode_bench.md, 2026-11-29): with B*H <= 256 query rows the
+    Triton split-KV kernel was as fast or faster at 20 of 25 points (5.5 vs 6.4 us at B=1, H=8, L=128; up to 8 %
+    slower at the other 5), because the CuTeDSL path pays a separate merge launch when it splits; above 256 rows the
+    CuTeDSL kernel wins where it matters (short contexts at large batch: 252 vs 300 us at B=2048, H=8, L=128) and
+    ties elsewhere. The CuTeDSL tile holds at most 8 query heads (and their probes) per KV head.
+    """
+    if group > _CUTE_MAX_GROUP or batch * heads <= _TRITON_MAX_ROWS:
+        return "triton"
+    return "cute"
 
 
 def cute_available() -> tuple[bool, str]:

@@ -127,6 +127,25 @@ def _tuned(kind: str):
 
 
 @triton.jit
+def _load_kv_tile(k_base, v_base, kv_tile, d_ok, PADDED_D: tl.constexpr):
+    """A K and a V tile that lie wholly inside the sequence; only padded head-dim lanes are masked."""
+    if PADDED_D:
+        k = tl.load(k_base + kv_tile, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + kv_tile, mask=d_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_base + kv_tile)
+        v = tl.load(v_base + kv_tile)
+    return k, v
+
+
+@triton.jit
+def _load_kv_edge_tile(k_base, v_base, kv_tile, offs_n, T_k, d_ok):
+    """A K and a V tile that may run past the last key: rows beyond T_k (and padded lanes) load as 0."""
+    kv_mask = (offs_n[:, None] < T_k) & d_ok[None, :]
+    return tl.load(k_base + kv_tile, mask=kv_mask, other=0.0), tl.load(v_base + kv_tile, mask=kv_mask, other=0.0)
+
+
+@triton.jit
 def _dot_split(x, y, acc, PREC: tl.constexpr, SPLIT: tl.constexpr):
     """acc + x @ y for fp32 x and 16-bit y: x rounded once to y's dtype, or (SPLIT) as hi + lo, ~16 bits of x."""
     x_hi = x.to(y.dtype)
@@ -204,12 +223,7 @@ def _fwd_kernel(Q, R, K, V, O, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
     # Key tiles entirely visible to every row of this query tile: j <= m0 + causal_off (< T_k).
     n_full = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_base + kv_tile)
-            v = tl.load(v_base + kv_tile)
-        else:
-            k = tl.load(k_base + kv_tile, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_base + kv_tile, mask=d_ok[None, :], other=0.0)
+        k, v = _load_kv_tile(k_base, v_base, kv_tile, d_ok, BLOCK_D != HEAD_DIM)
         m_i, l_i, r_i, acc_o, acc_or = _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m,
                                                  start_n + arange_n, causal_off, T_k, qk_scale2, False, PREC, SPLIT)
         k_base += BLOCK_N * KV_ROW
@@ -218,9 +232,7 @@ def _fwd_kernel(Q, R, K, V, O, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
     n_end = tl.minimum(T_k, m0 + BLOCK_M + causal_off)
     for start_n in range(n_full, n_end, BLOCK_N):
         offs_n = start_n + arange_n
-        kv_mask = (offs_n[:, None] < T_k) & d_ok[None, :]
-        k = tl.load(k_base + kv_tile, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kv_tile, mask=kv_mask, other=0.0)
+        k, v = _load_kv_edge_tile(k_base, v_base, kv_tile, offs_n, T_k, d_ok)
         m_i, l_i, r_i, acc_o, acc_or = _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m, offs_n,
                                                  causal_off, T_k, qk_scale2, True, PREC, SPLIT)
         k_base += BLOCK_N * KV_ROW
@@ -318,21 +330,14 @@ def _bwd_dq_kernel(Q, R, K, V, GO, LSE2, UBAR, TT, BB, DQ, DR, qk_scale, qk_scal
     k_base = K + kv_start
     v_base = V + kv_start
     for start_n in range(0, n_full, BLOCK_N):
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_base + kv_tile)
-            v = tl.load(v_base + kv_tile)
-        else:
-            k = tl.load(k_base + kv_tile, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_base + kv_tile, mask=d_ok[None, :], other=0.0)
+        k, v = _load_kv_tile(k_base, v_base, kv_tile, d_ok, BLOCK_D != HEAD_DIM)
         b_row, t = _row_stats_step(q, r, g, k, v, b_row, t, lse2, u_bar, offs_m, start_n + arange_n, causal_off, T_k,
                                    qk_scale2, False, PREC)
         k_base += BLOCK_N * KV_ROW
         v_base += BLOCK_N * KV_ROW
     for start_n in range(n_full, n_end, BLOCK_N):
         offs_n = start_n + arange_n
-        kv_mask = (offs_n[:, None] < T_k) & d_ok[None, :]
-        k = tl.load(k_base + kv_tile, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kv_tile, mask=kv_mask, other=0.0)
+        k, v = _load_kv_edge_tile(k_base, v_base, kv_tile, offs_n, T_k, d_ok)
         b_row, t = _row_stats_step(q, r, g, k, v, b_row, t, lse2, u_bar, offs_m, offs_n, causal_off, T_k, qk_scale2,
                                    True, PREC)
         k_base += BLOCK_N * KV_ROW
@@ -346,21 +351,14 @@ def _bwd_dq_kernel(Q, R, K, V, GO, LSE2, UBAR, TT, BB, DQ, DR, qk_scale, qk_scal
     acc_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_dr = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, n_full, BLOCK_N):
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_base + kv_tile)
-            v = tl.load(v_base + kv_tile)
-        else:
-            k = tl.load(k_base + kv_tile, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_base + kv_tile, mask=d_ok[None, :], other=0.0)
+        k, v = _load_kv_tile(k_base, v_base, kv_tile, d_ok, BLOCK_D != HEAD_DIM)
         acc_dq, acc_dr = _dq_step(q, r, g, k, v, acc_dq, acc_dr, lse2, u_bar, t, b_row, offs_m, start_n + arange_n,
                                   causal_off, T_k, qk_scale2, False, PREC)
         k_base += BLOCK_N * KV_ROW
         v_base += BLOCK_N * KV_ROW
     for start_n in range(n_full, n_end, BLOCK_N):
         offs_n = start_n + arange_n
-        kv_mask = (offs_n[:, None] < T_k) & d_ok[None, :]
-        k = tl.load(k_base + kv_tile, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kv_tile, mask=kv_mask, other=0.0)
+        k, v = _load_kv_edge_tile(k_base, v_base, kv_tile, offs_n, T_k, d_ok)
         acc_dq, acc_dr = _dq_step(q, r, g, k, v, acc_dq, acc_dr, lse2, u_bar, t, b_row, offs_m, offs_n,
                                   causal_off, T_k, qk_scale2, True, PREC)
         k_base += BLOCK_N * KV_ROW

@@ -18,7 +18,8 @@ replay is checked against the eager step (parameters after 4 steps from the same
 The protocol estimate multiplies every setting's run-steps without early stopping (66 settings x 6 runs x 200 epochs
 x ceil(train examples / 128)) by the measured time per run-step of `graph` at the nearest measured length.
 
-Writes <out>/throughput.md and <out>/throughput.csv.
+Writes <out>/throughput.md and <out>/throughput.csv. `--cpu-smoke` runs the eager and stacked variants at a tiny
+length on the CPU (no graphs, no compile, no worker processes), so the script is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ def parse_args(argv):
     p.add_argument("--workers", default="2,4", help="concurrent graph processes to try (K)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting new measurements after this")
+    p.add_argument("--cpu-smoke", action="store_true", help="eager and stacked only, on the CPU, to test the script")
     return p.parse_args(argv)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def compose_cfg(attention: str, seq_len: int):
@@ -67,17 +74,17 @@ def make_batch(cfg, device, seed=0):
     return tokens.to(device), torch.roll(tokens, -1, dims=1).to(device)
 
 
-def time_steps(step, steps: int) -> float:
+def time_steps(step, steps: int, device: torch.device) -> float:
     """Median seconds per step over 3 timings of `steps` steps (after 10 warm-up steps)."""
     for _ in range(10):
         step()
-    torch.cuda.synchronize()
+    synchronize(device)
     times = []
     for _ in range(3):
         start = time.perf_counter()
         for _ in range(steps):
             step()
-        torch.cuda.synchronize()
+        synchronize(device)
         times.append((time.perf_counter() - start) / steps)
     return statistics.median(times)
 
@@ -166,10 +173,14 @@ def protocol_run_steps() -> dict[int, int]:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: this benchmark times the GPU", file=sys.stderr)
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+        args.lens, args.workers = "16", ""
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print("no CUDA device: this benchmark times the GPU (--cpu-smoke tests the script on the CPU)", file=sys.stderr)
         return 2
-    device = torch.device("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows, notes = [], []
@@ -186,16 +197,18 @@ def main(argv=None) -> int:
                 notes.append(f"{attention} L={seq_len}: skipped, time budget {args.budget_s:.0f} s")
                 continue
             cfg = compose_cfg(attention, seq_len)
-            add(attention, seq_len, "eager", 1, time_steps(eager_step_fn(cfg, device, False), args.steps))
-            try:
-                add(attention, seq_len, "compiled", 1, time_steps(eager_step_fn(cfg, device, True), args.steps))
-            except Exception as e:  # noqa: BLE001 - reported, the other variants still run
-                notes.append(f"{attention} L={seq_len} compiled: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            diff = graph_matches_eager(cfg, device, args.runs)
-            notes.append(f"{attention} L={seq_len}: graph vs eager, max |param difference| after 4 steps = {diff:.2e}")
-            for variant, graph in (("stacked", False), ("graph", True)):
+            add(attention, seq_len, "eager", 1, time_steps(eager_step_fn(cfg, device, False), args.steps, device))
+            if device.type == "cuda":
+                try:
+                    step = eager_step_fn(cfg, device, True)
+                    add(attention, seq_len, "compiled", 1, time_steps(step, args.steps, device))
+                except Exception as e:  # noqa: BLE001 - reported, the other variants still run
+                    notes.append(f"{attention} L={seq_len} compiled: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                diff = graph_matches_eager(cfg, device, args.runs)
+                notes.append(f"{attention} L={seq_len}: graph vs eager, max |param difference| after 4 steps = {diff:.2e}")
+            for variant, graph in (("stacked", False), ("graph", True))[: 2 if device.type == "cuda" else 1]:
                 step, _ = stacked_step_fn(cfg, device, args.runs, graph)
-                add(attention, seq_len, variant, args.runs, time_steps(step, args.steps))
+                add(attention, seq_len, variant, args.runs, time_steps(step, args.steps, device))
             for workers in (int(x) for x in args.workers.split(",") if x):
                 rate = concurrent_graphs(attention, seq_len, args.runs, args.steps, workers)
                 add(attention, seq_len, f"graph x{workers}", args.runs * workers, workers / rate)
@@ -211,12 +224,13 @@ def write_tables(args, rows, notes, argv) -> None:
         writer.writerows(rows)
     import triton
 
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (--cpu-smoke: not a measurement)"
     lines = ["# Training throughput of the harness", "",
-             f"- device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
+             f"- device: {device_name}; torch {torch.__version__}, triton {triton.__version__}, "
              f"Python {platform.python_version()}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- command: `PYTHONPATH=. python benchmarks/bench_throughput.py {' '.join(argv)}`",
-             "- model: the MAD model (conf/model/mad.yaml), batch 128, bf16 autocast, AdamW; times: median of 3 x "
+             "- model: the MAD model (conf/model/mad.yaml), batch 128, bf16 autocast on GPU, AdamW; times: median of 3 x "
              f"{args.steps} steps after warm-up", "",
              "| attention | L | variant | runs | ms per step | run-steps/s | x eager |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
@@ -236,7 +250,7 @@ def write_tables(args, rows, notes, argv) -> None:
         for seq_len, steps in by_len.items():
             nearest = min(measured, key=lambda m: abs(math.log(m / seq_len)))
             at = [r for r in mine if r["L"] == nearest]
-            graph = next(r for r in at if r["variant"] == "graph")
+            graph = next((r for r in at if r["variant"] == "graph"), at[-1])  # the CPU smoke run has no graph
             total_graph += steps / graph["run_steps_per_s"]
             total_best += steps / max(r["run_steps_per_s"] for r in at)
         lines.append(f"| {attention} | {sum(by_len.values()):,} | {total_graph / 60:.0f} | {total_best / 60:.0f} |")

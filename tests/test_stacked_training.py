@@ -220,3 +220,15 @@ def test_stacked_launcher_spreads_groups_over_worker_processes(cli, tmp_path):
     records = records_under(tmp_path / "sweep")
     assert sorted((r["weight_decay"], r["stacked_runs"], r["status"]) for r in records) == [(0.0, 1, "ok"), (0.1, 1, "ok")]
     assert "2 runs: 2 ran now: ok" in proc.stdout
+
+
+def test_throughput_benchmark_cpu_smoke(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "benchmarks/bench_throughput.py", "--cpu-smoke", "--steps", "1",
+                           "--attentions", "softmax", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "throughput.md").read_text()
+    assert "| softmax | 16 | stacked | 6 |" in table and "5,384,400" in table and "not a measurement" in table

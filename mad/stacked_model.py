@@ -55,8 +55,15 @@ class StackedModel(nn.Module):
         def one_run(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
             return functional_call(template, (params, buffers), (x,), strict=True)
 
-        buffers = {name: b.to(tokens.device) for name, b in self.buffers_of_all.items()}
-        return torch.vmap(one_run, in_dims=(0, None, 0), randomness="error")(self.named_stacked(), buffers, tokens)
+        return torch.vmap(one_run, in_dims=(0, None, 0), randomness="error")(self.named_stacked(), self.buffers_of_all,
+                                                                             tokens)  # fmt: skip
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()`, `.cuda()`, ... move the shared buffers too (a plain dict: their names hold dots), so that a
+        forward never copies them (a copy from host memory is not allowed while a CUDA graph is captured)."""
+        super()._apply(fn, recurse)
+        self.buffers_of_all = {name: fn(b) for name, b in self.buffers_of_all.items()}
+        return self
 
     def train(self, mode: bool = True) -> "StackedModel":
         super().train(mode)

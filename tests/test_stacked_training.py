@@ -232,3 +232,10 @@ def test_throughput_benchmark_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "throughput.md").read_text()
     assert "| softmax | 16 | stacked | 6 |" in table and "5,384,400" in table and "not a measurement" in table
+
+
+def test_stacked_model_moves_its_shared_buffers_with_it():
+    stacked = StackedModel([build_model(compose_cfg("attention=softmax")) for _ in range(2)])
+    assert stacked.buffers_of_all and all(b.dtype == torch.float32 for b in stacked.buffers_of_all.values())
+    stacked.to(torch.float64)
+    assert all(b.dtype == torch.float64 for b in stacked.buffers_of_all.values())

@@ -11,10 +11,11 @@ holds no useful data: the numbers are cold. Every peer is optional: a peer that 
 reported with the reason and the run goes on. TB/s = K+V bytes / time. Each peer is checked once against a
 float64 reference (relative max-norm error) before it is timed at a point.
 
-Peers: ours (`impl="cute"`, `impl="triton"`); the official parallax-kernel (`parallax.parallax_attn_with_kvcache`,
+Peers: ours (`impl="cute"`, `impl="triton"`, and `impl="auto"`, which picks one of them by batch x heads); the official parallax-kernel (`parallax.parallax_attn_with_kvcache`,
 CuTeDSL; `parallax.triton.parallax_decode`); fla-core's `parallax_decode_one_step`; softmax decode through
 `scaled_dot_product_attention` with the cuDNN and flash backends forced, at the same heads and with twice the
-query heads over the same KV heads (GQA-2: the bytes and tensor work of Parallax decode); a 2 GiB device copy,
+query heads over the same KV heads (GQA-2: the bytes and tensor work of Parallax decode); FlashAttention-3's
+softmax decode (`flash_attn_with_kvcache` of the forward-only `fa3-fwd` wheel) where it imports; a 2 GiB device copy,
 timed as docs/device.md times it (one CUDA event pair around each eager `dst.copy_(src)`, no graph, median of
 20 after warm-up; read + written bytes), whose 4.23 TB/s the bandwidth target is also stated against.
 Writes `<out>/parallax_decode_bench.md` and `.csv`.
@@ -42,7 +43,7 @@ EXTRA_POINTS = ((32, 8, 16384),)  # (B, H, L): the official README's headline po
 K_LIMIT = 4 << 30
 ROTATE_BELOW = 240e6
 ROTATE_COVER = 256e6
-OURS = ("ours_cute", "ours_triton")
+OURS = ("ours_auto", "ours_cute", "ours_triton")
 COPY_BYTES = 2 << 30
 COPY_REPS, COPY_WARMUP = 20, 3
 DOCS_COPY_TBS = 4.23  # docs/device.md: median of 20 eager 2 GiB device copies, read + written bytes
@@ -73,6 +74,7 @@ def build_peers(torch, F):
     ok, why = cute_available()
     peers["ours_cute"] = (lambda s: lambda: parallax_decode(s["q"], s["r"], s["k"], s["v"], impl="cute")) if ok else why
     peers["ours_triton"] = lambda s: lambda: parallax_decode(s["q"], s["r"], s["k"], s["v"], impl="triton")
+    peers["ours_auto"] = lambda s: lambda: parallax_decode(s["q"], s["r"], s["k"], s["v"], impl="auto")
     try:
         import parallax
 
@@ -94,6 +96,13 @@ def build_peers(torch, F):
         peers["fla_one_step"] = lambda s: lambda: parallax_decode_one_step(s["q"], s["r"], s["k"], s["v"])
     except Exception as err:  # noqa: BLE001
         peers["fla_one_step"] = f"import fla.ops.parallax.decode: {type(err).__name__}: {err}"
+    try:  # FlashAttention-3 softmax decode, from the third-party forward-only `fa3-fwd` wheel (a call of its own)
+        from fa3_fwd_interface import flash_attn_with_kvcache
+
+        for name, key in (("fa3", "q"), ("gqa2_fa3", "q2")):
+            peers[name] = lambda s, key=key: lambda: flash_attn_with_kvcache(s[key], s["k"], s["v"])
+    except Exception as err:  # noqa: BLE001 - e.g. built against another torch ABI
+        peers["fa3"] = peers["gqa2_fa3"] = f"import fa3_fwd_interface: {type(err).__name__}: {err}"[:300]
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -196,10 +205,10 @@ def reference_error(torch, s, out, peer) -> float:
     from kernels.parallax.reference import parallax_attention
 
     b = min(4, s["q"].shape[0])
-    if peer.startswith(("sdpa", "gqa2")):
+    if peer.startswith(("sdpa", "gqa2", "fa3")):
         q = s["q2"] if peer.startswith("gqa2") else s["q"]
         ref = parallax_attention(q[:b].double(), torch.zeros_like(q[:b]).double(), s["k"][:b].double(), s["v"][:b].double())
-        got = out.transpose(1, 2)[:b]
+        got = (out if peer.endswith("fa3") else out.transpose(1, 2))[:b]  # FA3 keeps [B, T, H, D]
     else:
         ref = parallax_attention(*(s[n][:b].double() for n in ("q", "r", "k", "v")))
         got = out[:b]
@@ -247,7 +256,7 @@ def versions(torch) -> str:
     import importlib.metadata as md
 
     parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
-    for dist in ("triton", "nvidia-cutlass-dsl", "cuda-bindings", "parallax-kernel", "fla-core"):
+    for dist in ("triton", "nvidia-cutlass-dsl", "cuda-bindings", "parallax-kernel", "fla-core", "fa3-fwd"):
         try:
             parts.append(f"{dist} {md.version(dist)}")
         except md.PackageNotFoundError:

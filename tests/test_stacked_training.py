@@ -33,7 +33,7 @@ def compose_cfg(*overrides):
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_stacked_optimizers_step_each_run_as_torch_optim_does(name):
     torch.manual_seed(0)
-    shapes = [(6, 4), (5, 7)] if name == "muon" else [(6, 4), (3,)]
+    shapes = [(6, 4), (5, 7), (6, 4)] if name == "muon" else [(6, 4), (3,), (2, 3, 2)]
     lrs, wds = torch.tensor([1e-3, 3e-2, 1e-1]), torch.tensor([0.0, 0.1, 0.3])
     alone = [[torch.randn(s, requires_grad=True) for s in shapes] for _ in range(3)]
     stacked = [torch.stack([run[i].detach() for run in alone]).requires_grad_() for i in range(len(shapes))]

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from hydra_plugins.mad_stacked_launcher.stacked_launcher import resolve_devices, worker_slots
+from hydra_plugins.mad_stacked_launcher.stacked_launcher import check_devices, resolve_devices, worker_slots
 from mad.config_checks import task_setting
 from mad.data import load_split
 from mad.optim import build_optimizers
@@ -140,6 +140,11 @@ def test_launcher_spreads_workers_over_the_devices():
         worker_slots(["cpu"], 0)
     with pytest.raises(ValueError, match="lists no device"):
         resolve_devices([], 2)
+    check_devices(["cpu", "cuda:0", "cuda:1"], 2)
+    with pytest.raises(ValueError, match="has 2 CUDA device"):
+        check_devices(["cuda:2"], 2)
+    with pytest.raises(ValueError, match="not a device"):
+        check_devices(["gpu0"], 2)
 
 
 def test_stacked_launcher_sweep_writes_alone_format_records_and_resumes(cli, tmp_path):
@@ -161,6 +166,10 @@ def test_stacked_launcher_reports_bad_configs_before_training(cli, tmp_path):
                 "hydra.sweep.dir=sweep"])  # fmt: skip
     assert proc.returncode == 2 and "lr" in proc.stderr
     assert not list(tmp_path.rglob("result.json"))
+    proc = cli(["-m", "profile=smoke", "progress=false", "optimizer.lr=1e-3,5e-3", "hydra/launcher=stacked",
+                "hydra.launcher.devices=[cuda:7]", "hydra.sweep.dir=sweep2"])  # fmt: skip
+    assert proc.returncode == 2 and "cuda:7" in proc.stderr
+    assert not list((tmp_path / "sweep2").rglob(".hydra"))  # stopped before any job was planned
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; "

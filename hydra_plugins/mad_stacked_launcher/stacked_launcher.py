@@ -37,6 +37,25 @@ def resolve_devices(devices: Any, cuda_count: int) -> list[str]:
     return names
 
 
+def check_devices(devices: list[str], cuda_count: int) -> None:
+    """ValueError naming the bad entry unless every device is `cpu` or an existing `cuda:i`."""
+    for name in devices:
+        try:
+            device = torch_device(name)
+        except RuntimeError as e:
+            raise ValueError(f"hydra.launcher.devices: {name!r} is not a device ({e}); use cpu or cuda:i") from e
+        if device.type == "cuda" and (device.index or 0) >= cuda_count:
+            raise ValueError(f"hydra.launcher.devices: {name!r}, but this host has {cuda_count} CUDA device(s)")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"hydra.launcher.devices: {name!r}; allowed: cpu, cuda:i")
+
+
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
+
+
 def worker_slots(devices: list[str], workers_per_device: int) -> list[str]:
     """One entry per worker, device-major round robin (every device's first worker before any second one)."""
     if workers_per_device < 1:
@@ -80,6 +99,7 @@ class StackedLauncher(Launcher):
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        slots = self._worker_slots()
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         returns = [self._plan(overrides, initial_job_idx + i, plan_job) for i, overrides in enumerate(job_overrides)]
         failed = [r for r in returns if r.status == JobStatus.FAILED]
@@ -92,7 +112,7 @@ class StackedLauncher(Launcher):
         plans = [r.return_value for r in returns if isinstance(r.return_value, RunPlan)]
         groups = sorted(group_plans(plans, self.max_group), key=len, reverse=True)
         log.info(f"{len(plans)} runs to train in {len(groups)} groups ({len(returns) - len(plans)} done or listed)")
-        records = self._train(groups)
+        records = self._train(groups, slots)
         by_dir = {plan.run_dir: record for group, recs in zip(groups, records) for plan, record in zip(group, recs)}
         for r in returns:
             if isinstance(r.return_value, RunPlan):
@@ -108,10 +128,25 @@ class StackedLauncher(Launcher):
         return run_job(hydra_context=self.hydra_context, task_function=plan_job, config=sweep_config,
                        job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")  # fmt: skip
 
-    def _train(self, groups: list[list]) -> list[list[dict]]:
+    def _worker_slots(self) -> list[str]:
+        """The workers' devices; a bad launcher setting ends the sweep here, before any job is planned."""
         import torch
 
-        slots = worker_slots(resolve_devices(self.devices, torch.cuda.device_count()), self.workers_per_device)
+        try:
+            devices = resolve_devices(self.devices, torch.cuda.device_count())
+            check_devices(devices, torch.cuda.device_count())
+            if self.max_group < 0:
+                raise ValueError(f"hydra.launcher.max_group must be >= 0 (0: no limit), got {self.max_group}")
+            return worker_slots(devices, self.workers_per_device)
+        except ValueError as e:
+            from rich.console import Console
+
+            Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {e}")
+            sys.exit(2)
+
+    def _train(self, groups: list[list], slots: list[str]) -> list[list[dict]]:
+        import torch
+
         if len(slots) == 1 or len(groups) <= 1:
             from mad.stacked_run import run_group
 

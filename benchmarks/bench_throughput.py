@@ -9,6 +9,7 @@ vocabulary), it times one training step (forward, backward, optimizer; AdamW) of
   compiled     the same with the model under `torch.compile` (reported when it compiles)
   stacked      N runs as one stack (mad/stacked_train.py), eager
   graph        N runs as one stack, the step captured as a CUDA graph (the `stacked` launcher's default)
+  graph+compile  the same with the stacked forward under `torch.compile` (reported when it compiles)
   graph xK     K processes each replaying an N-run graph at once (workers_per_device = K)
 
 run-steps/s counts every run's step (a stack of N runs doing one step makes N run-steps). Each number is the
@@ -103,7 +104,7 @@ def eager_step_fn(cfg, device, compiled: bool):
     return lambda: train_step(forward, optimizers, inputs, targets, loop)
 
 
-def stacked_step_fn(cfg, device, runs: int, graph: bool, seed: int = 0):
+def stacked_step_fn(cfg, device, runs: int, graph: bool, seed: int = 0, compiled: bool = False):
     from mad.run import build_model, loop_config
     from mad.stacked_model import StackedModel
     from mad.stacked_train import StackedRun, StepFunction, build_optimizers
@@ -111,6 +112,8 @@ def stacked_step_fn(cfg, device, runs: int, graph: bool, seed: int = 0):
     torch.manual_seed(seed)
     models = [build_model(cfg) for _ in range(runs)]
     stacked = StackedModel(models).to(device)
+    if compiled:
+        stacked.forward = torch.compile(stacked.forward)  # the vmapped forward (and so its backward) through inductor
     opt_cfg = {**cfg.optimizer, "betas": list(cfg.optimizer.betas)}
     grid = [StackedRun(m, dict(opt_cfg, lr=1e-4 * (1 + i), weight_decay=0.1 * (i % 2))) for i, m in enumerate(models)]
     optimizers = build_optimizers(stacked, models[0].to(device), grid)
@@ -209,6 +212,13 @@ def main(argv=None) -> int:
             for variant, graph in (("stacked", False), ("graph", True))[: 2 if device.type == "cuda" else 1]:
                 step, _ = stacked_step_fn(cfg, device, args.runs, graph)
                 add(attention, seq_len, variant, args.runs, time_steps(step, args.steps, device))
+            if device.type == "cuda":
+                try:
+                    step, _ = stacked_step_fn(cfg, device, args.runs, True, compiled=True)
+                    add(attention, seq_len, "graph+compile", args.runs, time_steps(step, args.steps, device))
+                except Exception as e:  # noqa: BLE001 - reported, the other variants still run
+                    notes.append(f"{attention} L={seq_len} graph+compile: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]}")  # fmt: skip
             for workers in (int(x) for x in args.workers.split(",") if x):
                 rate = concurrent_graphs(attention, seq_len, args.runs, args.steps, workers)
                 add(attention, seq_len, f"graph x{workers}", args.runs * workers, workers / rate)

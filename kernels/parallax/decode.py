@@ -112,8 +112,8 @@ def hopper_kernel(batch: int, heads: int, group: int) -> str:
     """The kernel `impl="auto"` runs on Hopper: "triton" or "cute".
 
     From the H200 table (analysis/kernels/parallax_decode_bench.md, 2026-11-29): with B*H <= 256 query rows the
-    Triton split-KV kernel was as fast or faster at 20 of 25 points (5.5 vs 6.4 us at B=1, H=8, L=128; up to 8 %
-    slower at the other 5), because the CuTeDSL path pays a separate merge launch when it splits; above 256 rows the
+    Triton split-KV kernel was as fast or faster at 18 of 26 points (5.5 vs 6.4 us at B=1, H=8, L=128) and at most
+    8.5 % slower at the other 8, as the CuTeDSL path pays a separate merge launch when it splits; above 256 rows the
     CuTeDSL kernel wins where it matters (short contexts at large batch: 252 vs 300 us at B=2048, H=8, L=128) and
     ties elsewhere. The CuTeDSL tile holds at most 8 query heads (and their probes) per KV head.
     """

@@ -72,7 +72,7 @@ def launch(cfg: DictConfig, run_dir: Path) -> dict | None:
     finally:
         if lease is not None:
             lease.release()
-    _print_summary(record, run_dir)
+    print_summary(record, run_dir)
     return record
 
 
@@ -205,7 +205,7 @@ def _summary(result: TrainResult) -> dict:
     }
 
 
-def _print_summary(record: dict, run_dir: Path) -> None:
+def print_summary(record: dict, run_dir: Path) -> None:
     console = Console(soft_wrap=True)
     note = "" if record["comparable_with_published_mad"] else (
         "  [yellow](profile " + record["profile"] + ": not comparable with published MAD scores)[/yellow]")

@@ -30,7 +30,7 @@ from rich.console import Console
 
 from mad.results import RECORD_NAME, write_json_atomically
 from mad.resume import run_identity
-from mad.run import _print_summary, finish_record, initial_model, load_splits, loop_config, record_header, run, validate
+from mad.run import print_summary, finish_record, initial_model, load_splits, loop_config, record_header, run, validate
 from mad.stacked_train import StackedRun, train_stacked
 
 # Layers whose forward torch.vmap can batch over stacked weights (SDPA, our Parallax kernels and reference).
@@ -120,11 +120,11 @@ def run_group(plans: list[RunPlan], device: torch.device, *, cuda_graph: bool) -
     wall = time.perf_counter() - started
     for plan, record, outcome in zip(plans, records, outcomes):
         finish_record(record, outcome.result, outcome.state_dict, plan.run_dir, wall)
-        _print_summary(record, plan.run_dir)
+        print_summary(record, plan.run_dir)
     return records
 
 
 def _run_alone(plan: RunPlan, device: torch.device) -> dict:
     record = run(plan.cfg, plan.resolved, plan.run_dir, device, attention=plan.attention, repo=plan.repo)
-    _print_summary(record, plan.run_dir)
+    print_summary(record, plan.run_dir)
     return record

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,7 @@ from mad.schedules import build_schedules
 from mad.stacked_model import StackedModel
 from mad.stacked_optim import StackedAdamW, StackedMuon, StackedOptimizer
 from mad.tasks import IGNORE_INDEX
-from mad.train import EpochRecord, LoopConfig, TrainResult, _autocast, _progress_bar
+from mad.train import EpochRecord, LoopConfig, TrainResult, autocast, progress_bar
 
 
 @dataclass
@@ -116,7 +115,7 @@ class StepFunction:
 
     def eager(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         n = self.stacked.num_runs
-        with self._autocast():
+        with autocast(self.cfg, cache=False):
             logits = self.stacked(inputs.expand(n, *inputs.shape))
         losses = per_run_loss(logits, targets)
         for opt in self.optimizers:
@@ -125,12 +124,6 @@ class StepFunction:
         for opt in self.optimizers:
             opt.step()
         return losses.detach()
-
-    def _autocast(self):
-        """mad.train's autocast, without its weight-cast cache (the cache must not outlive a captured graph)."""
-        if self.cfg.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.cfg.device.type, dtype=self.cfg.autocast_dtype, cache_enabled=False)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if not self.cuda_graph or inputs.shape[0] != self.cfg.batch_size:
@@ -208,7 +201,7 @@ def train_stacked(runs: list[StackedRun], schedule: dict, train_split: Split, te
     outcomes: dict[int, StackedOutcome] = {}
     order = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(train_split.inputs.shape[0] / cfg.batch_size)
-    with _progress_bar(cfg.progress) as bar:
+    with progress_bar(cfg.progress) as bar:
         task = bar.add_task("training", total=cfg.epochs * steps_per_epoch, stats="")
         for epoch in range(1, cfg.epochs + 1):
             started = time.perf_counter()
@@ -286,7 +279,7 @@ def evaluate_stacked(stacked: StackedModel, split: Split, cfg: LoopConfig) -> li
     n = stacked.num_runs
     batches: list[list] = [[] for _ in range(n)]
     for inputs, targets in test_batches(split, cfg.batch_size):
-        with _autocast(cfg):
+        with autocast(cfg):
             logits = stacked(inputs.expand(n, *inputs.shape))
         for pos in range(n):
             batches[pos].append(score_batch(logits[pos], targets))

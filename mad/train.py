@@ -97,7 +97,7 @@ def train(
     if diagnostics_inputs is not None:
         result.diagnostics = []
         result.initial_diagnostics = model_diagnostics(model, diagnostics_inputs)
-    with _progress_bar(cfg.progress) as bar:
+    with progress_bar(cfg.progress) as bar:
         task = bar.add_task("training", total=cfg.epochs * steps_per_epoch, stats="")
         for epoch in range(1, cfg.epochs + 1):
             started = time.perf_counter()
@@ -147,7 +147,7 @@ def _train_epoch(model, optimizers, split: Split, order: torch.Generator, cfg: L
 
 def train_step(model: nn.Module, optimizers, inputs: torch.Tensor, targets: torch.Tensor, cfg: LoopConfig) -> torch.Tensor:
     """One optimizer step on a batch `([b, T], [b, T])`; returns the loss (detached, on the device)."""
-    with _autocast(cfg):
+    with autocast(cfg):
         logits = model(inputs)
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     for opt in optimizers:
@@ -164,16 +164,18 @@ def evaluate(model: nn.Module, split: Split, cfg: LoopConfig):
     model.eval()
     batches = []
     for inputs, targets in test_batches(split, cfg.batch_size):
-        with _autocast(cfg):
+        with autocast(cfg):
             logits = model(inputs)
         batches.append(score_batch(logits, targets))
     return combine_batches(batches)
 
 
-def _autocast(cfg: LoopConfig):
+def autocast(cfg: LoopConfig, *, cache: bool = True):
+    """The loop's autocast context (none in float32). `cache=False` drops autocast's weight-cast cache, which must
+    not outlive a captured CUDA graph."""
     if cfg.autocast_dtype is None:
         return nullcontext()
-    return torch.autocast(device_type=cfg.device.type, dtype=cfg.autocast_dtype)
+    return torch.autocast(device_type=cfg.device.type, dtype=cfg.autocast_dtype, cache_enabled=cache)
 
 
 def _stats(record: EpochRecord, tokens_per_s: float) -> str:
@@ -183,7 +185,7 @@ def _stats(record: EpochRecord, tokens_per_s: float) -> str:
     )
 
 
-def _progress_bar(enabled: bool) -> Progress:
+def progress_bar(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

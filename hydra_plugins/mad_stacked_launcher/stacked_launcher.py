@@ -82,6 +82,14 @@ def _train_group_in_worker(plans, cuda_graph: bool) -> list[dict]:
     return run_group(plans, device, cuda_graph=cuda_graph)
 
 
+def _or_error(call):
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - reported per job, like a failing job of the basic launcher
+        log.error(f"a stacked group failed: {type(e).__name__}: {e}")
+        return e
+
+
 class StackedLauncher(Launcher):
     def __init__(self, devices: Any = "auto", workers_per_device: int = 1, max_group: int = 0,
                  cuda_graph: bool = True) -> None:  # fmt: skip
@@ -113,10 +121,13 @@ class StackedLauncher(Launcher):
         groups = sorted(group_plans(plans, self.max_group), key=len, reverse=True)
         log.info(f"{len(plans)} runs to train in {len(groups)} groups ({len(returns) - len(plans)} done or listed)")
         records = self._train(groups, slots)
-        by_dir = {plan.run_dir: record for group, recs in zip(groups, records) for plan, record in zip(group, recs)}
+        by_dir = {plan.run_dir: recs if isinstance(recs, Exception) else recs[i]
+                  for group, recs in zip(groups, records) for i, plan in enumerate(group)}  # fmt: skip
         for r in returns:
             if isinstance(r.return_value, RunPlan):
-                r.return_value = by_dir[r.return_value.run_dir]
+                outcome = by_dir[r.return_value.run_dir]
+                r.status = JobStatus.FAILED if isinstance(outcome, Exception) else JobStatus.COMPLETED
+                r.return_value = outcome
         return returns
 
     def _plan(self, overrides: Sequence[str], idx: int, plan_job: TaskFunction) -> JobReturn:
@@ -144,18 +155,20 @@ class StackedLauncher(Launcher):
             Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {e}")
             sys.exit(2)
 
-    def _train(self, groups: list[list], slots: list[str]) -> list[list[dict]]:
+    def _train(self, groups: list[list], slots: list[str]) -> list[list[dict] | Exception]:
+        """Each group's records, or the exception that ended it (its runs' records then say `failed`): one group
+        failing, as one job of the basic launcher, does not stop the others."""
         import torch
 
         if len(slots) == 1 or len(groups) <= 1:
             from mad.stacked_run import run_group
 
             device = torch.device(slots[0])
-            return [run_group(group, device, cuda_graph=self.cuda_graph) for group in groups]
+            return [_or_error(lambda g=group: run_group(g, device, cuda_graph=self.cuda_graph)) for group in groups]
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         for slot in slots:
             queue.put(slot)
         with ProcessPoolExecutor(len(slots), mp_context=context, initializer=_pin_worker, initargs=(queue,)) as pool:
             futures = [pool.submit(_train_group_in_worker, group, self.cuda_graph) for group in groups]
-            return [f.result() for f in futures]
+            return [_or_error(f.result) for f in futures]

@@ -24,14 +24,7 @@ from mad.results import RECORD_NAME, WEIGHTS_NAME, read_record, write_json_atomi
 
 def finished_run_dirs(sweep_dir: Path) -> list[Path]:
     """Run directories under `sweep_dir` whose record is finished, sorted."""
-    dirs = []
-    for path in sorted(Path(sweep_dir).rglob(RECORD_NAME)):
-        try:
-            if read_record(path)["status"] in FINISHED:
-                dirs.append(path.parent)
-        except ValueError:
-            continue
-    return dirs
+    return [path.parent for path in sorted(Path(sweep_dir).rglob(RECORD_NAME)) if _finished_or_none(path) is not None]
 
 
 def pack(sweep_dir: Path, out: Path, *, weights: bool = False) -> int:
@@ -97,6 +90,7 @@ def unpack(archive: Path, sweep_dir: Path) -> dict[str, int]:
 
 
 def _finished_or_none(path: Path) -> dict | None:
+    """The record at `path` if it is readable and finished, else None."""
     if not path.exists():
         return None
     try:

@@ -98,8 +98,7 @@ def run(cfg: DictConfig, resolved: dict, run_dir: Path, device: torch.device, *,
         train_split, test_split = load_splits(cfg, resolved)
         result = train(model, optimizers, schedules, train_split, test_split, loop_config(cfg, device))
     except Exception as e:
-        record.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.perf_counter() - started)
-        write_json_atomically(run_dir / RECORD_NAME, record)
+        fail_record(record, e, run_dir, time.perf_counter() - started)
         raise
     finish_record(record, result, model.state_dict(), run_dir, time.perf_counter() - started)
     return record
@@ -136,6 +135,12 @@ def loop_config(cfg: DictConfig, device: torch.device) -> LoopConfig:
         progress=cfg.progress,
         diagnostics_batch=cfg.diagnostics_batch if cfg.diagnostics else 0,
     )
+
+
+def fail_record(record: dict, error: Exception, run_dir: Path, wall_time_s: float) -> None:
+    """Write `record` as `failed` with the error that ended the run (atomically)."""
+    record.update(status="failed", error=f"{type(error).__name__}: {error}", wall_time_s=wall_time_s)
+    write_json_atomically(run_dir / RECORD_NAME, record)
 
 
 def finish_record(record: dict, result: TrainResult, weights: dict, run_dir: Path, wall_time_s: float) -> None:

@@ -28,10 +28,12 @@ from hydra.utils import get_original_cwd
 from omegaconf import DictConfig
 from rich.console import Console
 
-from mad.results import RECORD_NAME, write_json_atomically
+from mad.results import RECORD_NAME
 from mad.resume import run_identity
-from mad.run import print_summary, finish_record, initial_model, load_splits, loop_config, record_header, run, validate
-from mad.stacked_train import StackedRun, train_stacked
+from mad.run import (
+    fail_record, finish_record, initial_model, load_splits, loop_config, print_summary, record_header, run, validate,
+)  # fmt: skip
+from mad.stacked_train import StackedRun, shared_optimizer_settings, train_stacked
 
 # Layers whose forward torch.vmap can batch over stacked weights (SDPA, our Parallax kernels and reference).
 STACKABLE_MIXERS = (
@@ -74,7 +76,7 @@ def stackable(plan: RunPlan) -> bool:
 def group_key(plan: RunPlan) -> str:
     """Runs with equal keys can share a stack: everything but the optimizer's lr and weight decay is equal."""
     identity = run_identity(plan.resolved)
-    identity["optimizer"] = {k: v for k, v in identity["optimizer"].items() if k not in ("lr", "weight_decay")}
+    identity["optimizer"] = shared_optimizer_settings(identity["optimizer"])
     return json.dumps(identity, sort_keys=True, default=str)
 
 
@@ -114,8 +116,7 @@ def run_group(plans: list[RunPlan], device: torch.device, *, cuda_graph: bool) -
                                  loop_config(first.cfg, device), cuda_graph=cuda_graph and device.type == "cuda")  # fmt: skip
     except Exception as e:
         for plan, record in zip(plans, records):
-            record.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.perf_counter() - started)
-            write_json_atomically(plan.run_dir / RECORD_NAME, record)
+            fail_record(record, e, plan.run_dir, time.perf_counter() - started)
         raise
     wall = time.perf_counter() - started
     for plan, record, outcome in zip(plans, records, outcomes):

@@ -69,15 +69,20 @@ class ScheduleShadow:
             schedule.step()
 
 
+PER_RUN_OPTIMIZER_KEYS = ("lr", "weight_decay")  # what may differ between the runs of one stack
+
+
+def shared_optimizer_settings(optimizer: dict) -> dict:
+    """The optimizer config without its per-run keys: what every run of a stack must have in common."""
+    return {k: v for k, v in optimizer.items() if k not in PER_RUN_OPTIMIZER_KEYS}
+
+
 def check_group(runs: list[StackedRun]) -> None:
     """ValueError unless the runs can share one stack: same optimizer except lr and weight decay."""
     if not runs:
         raise ValueError("a stacked group needs at least one run")
-
-    def rest(cfg: dict) -> dict:
-        return {k: v for k, v in cfg.items() if k not in ("lr", "weight_decay")}
-
-    if any(rest(r.optimizer) != rest(runs[0].optimizer) for r in runs[1:]):
+    shared = shared_optimizer_settings(runs[0].optimizer)
+    if any(shared_optimizer_settings(r.optimizer) != shared for r in runs[1:]):
         raise ValueError("stacked runs must share every optimizer setting except lr and weight_decay")
 
 

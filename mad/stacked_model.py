@@ -38,6 +38,8 @@ class StackedModel(nn.Module):
                 raise ValueError("StackedModel needs modules whose buffers are equal (constants of the architecture)")
         template = copy.deepcopy(modules[0])
         self.template = [template.to("meta")]  # a list: not a registered submodule, so no parameters of its own
+        self.linear_biases = {f"{name}.bias".lstrip(".") for name, m in template.named_modules()
+                              if isinstance(m, nn.Linear) and m.bias is not None}  # fmt: skip
 
     @property
     def num_runs(self) -> int:
@@ -51,12 +53,19 @@ class StackedModel(nn.Module):
         if tokens.shape[0] != self.num_runs:
             raise ValueError(f"expected inputs for {self.num_runs} runs (first dim), got shape {tuple(tokens.shape)}")
         template = self.template[0]
+        params = self.named_stacked()
+        device = tokens.device.type
+        if torch.is_autocast_enabled(device):
+            # Under vmap F.linear runs as matmul + add: autocast casts the matmul's operands but not the bias, so
+            # the sum would come out in float32 (and a layer's q, k, v in float32 beside a bias-free r in bf16).
+            # Casting the linear biases as autocast casts F.linear's makes each run compute what it does alone.
+            dtype = torch.get_autocast_dtype(device)
+            params = {name: p.to(dtype) if name in self.linear_biases else p for name, p in params.items()}
 
         def one_run(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
             return functional_call(template, (params, buffers), (x,), strict=True)
 
-        return torch.vmap(one_run, in_dims=(0, None, 0), randomness="error")(self.named_stacked(), self.buffers_of_all,
-                                                                             tokens)  # fmt: skip
+        return torch.vmap(one_run, in_dims=(0, None, 0), randomness="error")(params, self.buffers_of_all, tokens)
 
     def _apply(self, fn, recurse: bool = True):
         """`.to()`, `.cuda()`, ... move the shared buffers too (a plain dict: their names hold dots), so that a

@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+from kernels.sdpa import sdpa
 
 PROBES = ("solved", "cg")
 # Relative jitter added to the ridge: well below any ridge worth setting, but it keeps M + lambda I invertible in
@@ -64,7 +64,7 @@ def softmax_average(
         Tensor `[B, T, H, E]`.
     """
     logit_q = q * (scale.to(q.dtype) if isinstance(scale, torch.Tensor) else scale)
-    out = F.scaled_dot_product_attention(
+    out = sdpa(
         logit_q.transpose(1, 2), k.transpose(1, 2), values.transpose(1, 2), is_causal=True, scale=1.0
     )  # [B, H, T, E]
     return out.transpose(1, 2)

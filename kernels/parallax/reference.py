@@ -14,7 +14,7 @@ attention exactly. The effective weights p_ij (1 + u_bar_i - u_ij) sum to one pe
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from kernels.sdpa import sdpa
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -61,7 +61,7 @@ def parallax_attention(
     # layer whose probe is zero reproduces a softmax layer bit for bit (softmax -> Parallax conversion).
     square = q.shape[1] == k.shape[1]
     sdpa_mask = None if mask is None or square else ~mask
-    v_bar = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=sdpa_mask, is_causal=causal and square, scale=scale)
+    v_bar = sdpa(qh, kh, vh, attn_mask=sdpa_mask, is_causal=causal and square, scale=scale)
     out = v_bar + (u_bar * v_bar - pu @ vh)  # [B, H, T_q, D_v]
     return out.transpose(1, 2).to(q.dtype)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from kernels.sdpa import sdpa
 
 from models.attention.softmax import SoftmaxAttention
 
@@ -45,7 +45,7 @@ class SlidingWindowAttention(SoftmaxAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x)  # [B, T, H, D]
         mask = sliding_window_mask(x.shape[1], self.window, device=x.device)
-        out = F.scaled_dot_product_attention(
+        out = sdpa(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.head_dim**-0.5
         )
         return self.out_proj(out.transpose(1, 2).flatten(-2))  # [B, H, T, D] -> [B, T, dim]

@@ -243,6 +243,18 @@ def test_throughput_benchmark_cpu_smoke(tmp_path):
     assert "| softmax | 16 | stacked | 6 |" in table and "5,384,400" in table and "not a measurement" in table
 
 
+def test_step_profile_script_runs_on_cpu(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--seq-len", "16", "--runs", "2", "--top", "3",
+                           "--attentions", "softmax", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "step_profile_L16.md").read_text()
+    assert "## softmax, one run:" in table and "## softmax, stack of 2:" in table and "not a measurement" in table
+
+
 def test_stacked_model_moves_its_shared_buffers_with_it():
     stacked = StackedModel([build_model(compose_cfg("attention=softmax")) for _ in range(2)])
     assert stacked.buffers_of_all and all(b.dtype == torch.float32 for b in stacked.buffers_of_all.values())

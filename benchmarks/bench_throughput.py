@@ -7,7 +7,7 @@ vocabulary), it times one training step (forward, backward, optimizer; AdamW) of
 
   eager        one run, the loop of mad/train.py (torch.optim.AdamW), as one `mad.run` process trains
   compiled     the same with the model under `torch.compile` (reported when it compiles)
-  stacked      N runs as one stack (mad/stacked_train.py), eager
+  stacked      N runs as one stack (mad/stacked_train.py; folded into the batch where the model allows), eager
   graph        N runs as one stack, the step captured as a CUDA graph (the `stacked` launcher's default)
   graph+compile  the same with the stacked forward under `torch.compile` (reported when it compiles)
   graph xK     K processes each replaying an N-run graph at once (workers_per_device = K)
@@ -211,8 +211,9 @@ def main(argv=None) -> int:
                 diff = graph_matches_eager(cfg, device, args.runs)
                 notes.append(f"{attention} L={seq_len}: graph vs eager, max |param difference| after 4 steps = {diff:.2e}")
             for variant, graph in (("stacked", False), ("graph", True))[: 2 if device.type == "cuda" else 1]:
-                step, _ = stacked_step_fn(cfg, device, args.runs, graph)
+                step, stacked = stacked_step_fn(cfg, device, args.runs, graph)
                 add(attention, seq_len, variant, args.runs, time_steps(step, args.steps, device))
+            notes.append(f"{attention} L={seq_len}: stacks run {stacked.strategy} (mad/stacked_model.py)")
             if device.type == "cuda":
                 try:
                     step, _ = stacked_step_fn(cfg, device, args.runs, True, compiled=True)

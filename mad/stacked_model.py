@@ -1,8 +1,13 @@
-"""N runs of one architecture as one model: every parameter stacked `[N, ...]`, the forward vmapped over runs.
+"""N runs of one architecture as one model: every parameter stacked `[N, ...]`, one forward for all runs.
 
-Each run's slice computes exactly what its own module computes (torch.func.vmap over `functional_call`); only the
-kernels are shared, which is what makes many small MAD models fast on one GPU: a step launches the kernels of one
-model, each doing N runs' work.
+Each run's slice computes what its own module computes; only the kernels are shared, which is what makes many
+small MAD models fast on one GPU: a step launches the kernels of one model, each doing N runs' work. Two ways:
+
+  folded  the runs folded into the batch (N * B rows, run-major) of one module whose Linear, RMSNorm and Embedding
+          layers apply each run's slice to its rows (mad/folded_layers.py); plain tensors, so torch.compile and
+          the fused SDPA kernels see an ordinary model. Used whenever every parameter lives in such a layer.
+  vmap    torch.func.vmap over `functional_call` of one run's module: any architecture (e.g. per-head gate
+          logits), at the price of vmap's batching rules (kernels/sdpa.py, and the bias cast below).
 
     stacked = StackedModel([build(seed) for _ in range(N)])
     logits = stacked(tokens)          # tokens [N, B, T] -> logits [N, B, T, V]
@@ -16,6 +21,8 @@ import copy
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
+
+from mad.folded_layers import fold
 
 
 class StackedModel(nn.Module):
@@ -40,6 +47,9 @@ class StackedModel(nn.Module):
         self.template = [template.to("meta")]  # a list: not a registered submodule, so no parameters of its own
         self.linear_biases = {f"{name}.bias".lstrip(".") for name, m in template.named_modules()
                               if isinstance(m, nn.Linear) and m.bias is not None}  # fmt: skip
+        folded = fold(modules)
+        self.folded = [] if folded is None else [folded.to("meta")]
+        self.strategy = "folded" if folded is not None else "vmap"
 
     @property
     def num_runs(self) -> int:
@@ -52,8 +62,15 @@ class StackedModel(nn.Module):
         """`tokens [N, B, T]` -> the outputs of each run's module on its own slice, stacked `[N, ...]`."""
         if tokens.shape[0] != self.num_runs:
             raise ValueError(f"expected inputs for {self.num_runs} runs (first dim), got shape {tuple(tokens.shape)}")
-        template = self.template[0]
-        params = self.named_stacked()
+        return self._folded_forward(tokens) if self.folded else self._vmapped_forward(tokens)
+
+    def _folded_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.flatten(0, 1)  # [N * B, T], run-major
+        out = functional_call(self.folded[0], (self.named_stacked(), self.buffers_of_all), (flat,), strict=True)
+        return out.unflatten(0, tokens.shape[:2])
+
+    def _vmapped_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        template, params = self.template[0], self.named_stacked()
         device = tokens.device.type
         if torch.is_autocast_enabled(device):
             # Under vmap F.linear runs as matmul + add: autocast casts the matmul's operands but not the bias, so
@@ -76,7 +93,8 @@ class StackedModel(nn.Module):
 
     def train(self, mode: bool = True) -> "StackedModel":
         super().train(mode)
-        self.template[0].train(mode)  # what the vmapped functional_call runs
+        for module in self.template + self.folded:  # what the functional_call runs
+            module.train(mode)
         return self
 
     @torch.no_grad()

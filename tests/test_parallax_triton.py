@@ -138,6 +138,22 @@ def test_vmap_over_runs_folds_them_into_the_batch(tri, poisoned_empty):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_compiles_as_opaque_operators(tri):
+    """torch.compile traces a call of the kernels as two custom operators (kernels/parallax/triton_ops.py) and gives
+    what the eager call gives, gradients too (aot_eager: Dynamo and AOTAutograd without Inductor's code generation)."""
+    (q, r, k, v), _ = make_inputs(2, 11, 4, 2, 16, torch.float32, seed=4)
+    leaves = [x.clone().requires_grad_() for x in (q, r, k, v)]
+    compiled = torch.compile(tri.parallax_attention_triton, backend="aot_eager", fullgraph=True)
+    out = compiled(*leaves)
+    want = tri.parallax_attention_triton(q, r, k, v)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    eager_leaves = [x.clone().requires_grad_() for x in (q, r, k, v)]
+    eager_grads = torch.autograd.grad(tri.parallax_attention_triton(*eager_leaves), eager_leaves, g)
+    for got, ref in zip(torch.autograd.grad(out, leaves, g), eager_grads):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
 def test_auto_uses_the_reference_on_cpu(tri):
     (q, r, k, v), _ = make_inputs(1, 5, 2, 2, 8, torch.float32)
     assert torch.equal(parallax_attention(q, r, k, v), reference_attention(q, r, k, v))

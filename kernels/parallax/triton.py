@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.parallax import triton_ops
+
 # Whether the kernels below were built for Triton's CPU interpreter: read once, when this module is imported,
 # because `triton.jit` decides the same way at decoration time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
@@ -564,7 +566,9 @@ class ParallaxTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, r, k, v, scale: float, configs: KernelConfigs | None):
-        return parallax_fwd(q, r, k, v, scale, configs)
+        if configs:  # forced tile configs (the checks): launched directly, not through the compilable operator
+            return parallax_fwd(q, r, k, v, scale, configs)
+        return triton_ops.triton_fwd(q, r, k, v, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -577,7 +581,11 @@ class ParallaxTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_o, _grad_lse2, _grad_u_bar):
         q, r, k, v, lse2, u_bar = ctx.saved_tensors
-        grads = parallax_bwd(q, r, k, v, lse2, u_bar, grad_o.contiguous(), ctx.scale, ctx.configs)
+        grad_o = grad_o.contiguous()
+        if ctx.configs:
+            grads = parallax_bwd(q, r, k, v, lse2, u_bar, grad_o, ctx.scale, ctx.configs)
+        else:
+            grads = triton_ops.triton_bwd(q, r, k, v, lse2, u_bar, grad_o, ctx.scale)
         return (*grads, None, None)
 
     @staticmethod

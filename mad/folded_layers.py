@@ -1,0 +1,85 @@
+"""The parameterised layers of a stack whose N runs are folded into the batch (mad/stacked_model.py).
+
+A stack of N runs can execute as one ordinary module on a batch of N * B rows, run-major (rows n*B .. n*B+B-1 are
+run n's), if every layer that holds parameters applies each run's own slice to that run's rows. These are those
+layers for nn.Linear, nn.RMSNorm and nn.Embedding; every other layer of the MAD models (rotary, attention kernels,
+activations, the residual stream) acts per row and needs nothing. Their parameters have the stacked shapes
+`[N, ...]` and the names of the layer they replace, so `functional_call` feeds them the stack's tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _per_run(x: torch.Tensor, runs: int) -> torch.Tensor:
+    """`[N * B, ..., C]` -> `[N, B * ..., C]` (a view for contiguous x)."""
+    return x.reshape(runs, -1, x.shape[-1])
+
+
+class FoldedLinear(nn.Module):
+    """N Linear layers: `x [N * B, ..., in] -> [N * B, ..., out]`, run n's rows through weight[n], bias[n]."""
+
+    def __init__(self, layers: list[nn.Linear]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))  # [N, out, in]
+        self.bias = None if layers[0].bias is None else nn.Parameter(torch.stack([m.bias.detach() for m in layers]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        runs = self.weight.shape[0]
+        rows = _per_run(x, runs)  # [N, M, in]
+        weight_t = self.weight.transpose(1, 2)  # [N, in, out]
+        out = torch.bmm(rows, weight_t) if self.bias is None else torch.baddbmm(self.bias[:, None, :], rows, weight_t)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class FoldedRMSNorm(nn.Module):
+    """N RMSNorm layers over the last dim (elementwise affine): run n's rows scaled by weight[n]."""
+
+    def __init__(self, layers: list[nn.RMSNorm]) -> None:
+        super().__init__()
+        self.normalized_shape, self.eps = tuple(layers[0].normalized_shape), layers[0].eps
+        if len(self.normalized_shape) != 1 or layers[0].weight is None:
+            raise ValueError("FoldedRMSNorm folds RMSNorm over the last dim with a weight only")
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))  # [N, C]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x, self.normalized_shape, None, self.eps)
+        return (_per_run(normed, self.weight.shape[0]) * self.weight[:, None, :]).reshape(normed.shape)
+
+
+class FoldedEmbedding(nn.Module):
+    """N embedding tables: `tokens [N * B, ...] -> [N * B, ..., C]`, run n's rows looked up in table n."""
+
+    def __init__(self, layers: list[nn.Embedding]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))  # [N, V, C]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        runs, vocab, width = self.weight.shape
+        first_row_token = torch.arange(runs, device=tokens.device) * vocab  # run n's table starts at row n * V
+        offsets = first_row_token.repeat_interleave(tokens.shape[0] // runs).view(-1, *[1] * (tokens.dim() - 1))
+        return F.embedding(tokens + offsets, self.weight.reshape(runs * vocab, width))
+
+
+FOLDED_LAYERS = {nn.Linear: FoldedLinear, nn.RMSNorm: FoldedRMSNorm, nn.Embedding: FoldedEmbedding}
+
+
+def fold(modules: list[nn.Module]) -> nn.Module | None:
+    """One module computing all N `modules` on a run-major batch of N * B rows, or None if some parameter lives
+    outside the layers above (e.g. a per-head gate logit): such stacks run through torch.vmap instead."""
+    folded = copy.deepcopy(modules[0])
+    for name, layer in list(modules[0].named_modules()):
+        kind = FOLDED_LAYERS.get(type(layer))
+        if kind is None:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(folded.get_submodule(parent), child, kind([m.get_submodule(name) for m in modules]))
+    owners = {name for name, m in folded.named_modules() if isinstance(m, tuple(FOLDED_LAYERS.values()))}
+    if any(name.rpartition(".")[0] not in owners for name, _ in folded.named_parameters()):
+        return None
+    return folded

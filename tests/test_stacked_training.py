@@ -80,7 +80,8 @@ def test_stacked_model_forward_and_select_match_each_module(attention, task, str
     assert torch.equal(stacked.load_into(0, build_model(cfg))(tokens[2]), want[2])
 
 
-@pytest.mark.parametrize("attention,optimizer", [("parallax", "adamw"), ("softmax", "muon")])
+@pytest.mark.parametrize("attention,optimizer", [("parallax", "adamw"), ("softmax", "muon"),
+                                                 ("parallax_gated", "adamw")])  # folded, folded, vmapped
 def test_stacked_runs_give_the_records_of_alone_runs(attention, optimizer):
     cfg = compose_cfg(f"attention={attention}", f"optimizer={optimizer}", "task.num_train_examples=256",
                       "task.num_test_examples=128")  # fmt: skip

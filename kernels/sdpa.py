@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.batching import fold_vmapped
+
 
 def sdpa(
     q: torch.Tensor,
@@ -69,10 +71,6 @@ class FoldedSDPA(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, attn_mask, is_causal, scale):
-        def folded(x, dim):  # [..N.., B, H, T, D] -> [N * B, H, T, D]
-            x = x.unsqueeze(0).expand(info.batch_size, *x.shape) if dim is None else x.movedim(dim, 0)
-            return x.flatten(0, 1)
-
-        q, k, v = (folded(x, d) for x, d in zip((q, k, v), in_dims[:3]))
+        q, k, v = (fold_vmapped(x, d, info.batch_size) for x, d in zip((q, k, v), in_dims[:3]))  # [N * B, H, T, D]
         out = FoldedSDPA.apply(q, k, v, attn_mask, is_causal, scale)
         return out.unflatten(0, (info.batch_size, -1)), 0

@@ -21,13 +21,18 @@ def _per_run(x: torch.Tensor, runs: int) -> torch.Tensor:
     return x.reshape(runs, -1, x.shape[-1])
 
 
+def _stacked(param: torch.Tensor, runs: int) -> nn.Parameter:
+    """A placeholder `[runs, *param.shape]` on the meta device: `functional_call` supplies the stack's tensor."""
+    return nn.Parameter(torch.empty(runs, *param.shape, device="meta"))
+
+
 class FoldedLinear(nn.Module):
     """N Linear layers: `x [N * B, ..., in] -> [N * B, ..., out]`, run n's rows through weight[n], bias[n]."""
 
-    def __init__(self, layers: list[nn.Linear]) -> None:
+    def __init__(self, layer: nn.Linear, runs: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))  # [N, out, in]
-        self.bias = None if layers[0].bias is None else nn.Parameter(torch.stack([m.bias.detach() for m in layers]))
+        self.weight = _stacked(layer.weight, runs)  # [N, out, in]
+        self.bias = None if layer.bias is None else _stacked(layer.bias, runs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         runs = self.weight.shape[0]
@@ -40,12 +45,12 @@ class FoldedLinear(nn.Module):
 class FoldedRMSNorm(nn.Module):
     """N RMSNorm layers over the last dim (elementwise affine): run n's rows scaled by weight[n]."""
 
-    def __init__(self, layers: list[nn.RMSNorm]) -> None:
+    def __init__(self, layer: nn.RMSNorm, runs: int) -> None:
         super().__init__()
-        self.normalized_shape, self.eps = tuple(layers[0].normalized_shape), layers[0].eps
-        if len(self.normalized_shape) != 1 or layers[0].weight is None:
+        self.normalized_shape, self.eps = tuple(layer.normalized_shape), layer.eps
+        if len(self.normalized_shape) != 1 or layer.weight is None:
             raise ValueError("FoldedRMSNorm folds RMSNorm over the last dim with a weight only")
-        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))  # [N, C]
+        self.weight = _stacked(layer.weight, runs)  # [N, C]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x, self.normalized_shape, None, self.eps)
@@ -55,9 +60,9 @@ class FoldedRMSNorm(nn.Module):
 class FoldedEmbedding(nn.Module):
     """N embedding tables: `tokens [N * B, ...] -> [N * B, ..., C]`, run n's rows looked up in table n."""
 
-    def __init__(self, layers: list[nn.Embedding]) -> None:
+    def __init__(self, layer: nn.Embedding, runs: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))  # [N, V, C]
+        self.weight = _stacked(layer.weight, runs)  # [N, V, C]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         runs, vocab, width = self.weight.shape
@@ -69,16 +74,16 @@ class FoldedEmbedding(nn.Module):
 FOLDED_LAYERS = {nn.Linear: FoldedLinear, nn.RMSNorm: FoldedRMSNorm, nn.Embedding: FoldedEmbedding}
 
 
-def fold(modules: list[nn.Module]) -> nn.Module | None:
-    """One module computing all N `modules` on a run-major batch of N * B rows, or None if some parameter lives
-    outside the layers above (e.g. a per-head gate logit): such stacks run through torch.vmap instead."""
-    folded = copy.deepcopy(modules[0])
-    for name, layer in list(modules[0].named_modules()):
+def fold(template: nn.Module, runs: int) -> nn.Module | None:
+    """A meta-device module computing `runs` copies of `template` on a run-major batch of N * B rows, or None if
+    some parameter lives outside the layers above (e.g. a per-head gate logit): such stacks run through torch.vmap
+    instead. Only shapes are read from `template`; the parameters come from the stack at each call."""
+    folded = copy.deepcopy(template).to("meta")
+    for name, layer in list(folded.named_modules()):
         kind = FOLDED_LAYERS.get(type(layer))
-        if kind is None:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(folded.get_submodule(parent), child, kind([m.get_submodule(name) for m in modules]))
+        if kind is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(folded.get_submodule(parent), child, kind(layer, runs))
     owners = {name for name, m in folded.named_modules() if isinstance(m, tuple(FOLDED_LAYERS.values()))}
     if any(name.rpartition(".")[0] not in owners for name, _ in folded.named_parameters()):
         return None

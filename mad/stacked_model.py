@@ -43,13 +43,14 @@ class StackedModel(nn.Module):
         for m in modules[1:]:
             if any(not torch.equal(b, self.buffers_of_all[name]) for name, b in m.named_buffers()):
                 raise ValueError("StackedModel needs modules whose buffers are equal (constants of the architecture)")
-        template = copy.deepcopy(modules[0])
-        self.template = [template.to("meta")]  # a list: not a registered submodule, so no parameters of its own
+        template = copy.deepcopy(modules[0]).to("meta")
+        folded = fold(template, len(modules))
+        self.strategy = "vmap" if folded is None else "folded"
+        # What the forward's functional_call runs (meta: shapes only), in a list: not a registered submodule, so no
+        # parameters of its own. The vmap way runs one run's module and casts its linear biases (see there).
+        self.runner = [template if folded is None else folded]
         self.linear_biases = {f"{name}.bias".lstrip(".") for name, m in template.named_modules()
                               if isinstance(m, nn.Linear) and m.bias is not None}  # fmt: skip
-        folded = fold(modules)
-        self.folded = [] if folded is None else [folded.to("meta")]
-        self.strategy = "folded" if folded is not None else "vmap"
 
     @property
     def num_runs(self) -> int:
@@ -62,15 +63,15 @@ class StackedModel(nn.Module):
         """`tokens [N, B, T]` -> the outputs of each run's module on its own slice, stacked `[N, ...]`."""
         if tokens.shape[0] != self.num_runs:
             raise ValueError(f"expected inputs for {self.num_runs} runs (first dim), got shape {tuple(tokens.shape)}")
-        return self._folded_forward(tokens) if self.folded else self._vmapped_forward(tokens)
+        return self._folded_forward(tokens) if self.strategy == "folded" else self._vmapped_forward(tokens)
 
     def _folded_forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.flatten(0, 1)  # [N * B, T], run-major
-        out = functional_call(self.folded[0], (self.named_stacked(), self.buffers_of_all), (flat,), strict=True)
+        out = functional_call(self.runner[0], (self.named_stacked(), self.buffers_of_all), (flat,), strict=True)
         return out.unflatten(0, tokens.shape[:2])
 
     def _vmapped_forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        template, params = self.template[0], self.named_stacked()
+        template, params = self.runner[0], self.named_stacked()
         device = tokens.device.type
         if torch.is_autocast_enabled(device):
             # Under vmap F.linear runs as matmul + add: autocast casts the matmul's operands but not the bias, so
@@ -93,8 +94,7 @@ class StackedModel(nn.Module):
 
     def train(self, mode: bool = True) -> "StackedModel":
         super().train(mode)
-        for module in self.template + self.folded:  # what the functional_call runs
-            module.train(mode)
+        self.runner[0].train(mode)  # what the functional_call runs
         return self
 
     @torch.no_grad()

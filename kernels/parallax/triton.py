@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.batching import fold_vmapped
 from kernels.parallax import triton_ops
 
 # Whether the kernels below were built for Triton's CPU interpreter: read once, when this module is imported,
@@ -590,11 +591,7 @@ class ParallaxTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, q, r, k, v, scale, configs):
-        def folded(x, dim):  # [..N.., B, T, H, D] -> [N * B, T, H, D]
-            x = x.unsqueeze(0).expand(info.batch_size, *x.shape) if dim is None else x.movedim(dim, 0)
-            return x.flatten(0, 1).contiguous()
-
-        q, r, k, v = (folded(x, d) for x, d in zip((q, r, k, v), in_dims[:4]))
+        q, r, k, v = (fold_vmapped(x, d, info.batch_size).contiguous() for x, d in zip((q, r, k, v), in_dims[:4]))
         outputs = ParallaxTritonFunction.apply(q, r, k, v, scale, configs)
         return tuple(x.unflatten(0, (info.batch_size, -1)) for x in outputs), (0, 0, 0)
 

@@ -107,26 +107,24 @@ def eager_step_fn(cfg, device, compiled: bool):
 def stacked_step_fn(cfg, device, runs: int, graph: bool, seed: int = 0, compiled: bool = False):
     from mad.run import build_model, loop_config
     from mad.stacked_model import StackedModel
-    from mad.stacked_train import StackedRun, StepFunction, build_optimizers
+    from mad.stacked_train import StackedRun, StepFunction, StepOptions, build_optimizers
 
     torch.manual_seed(seed)
     models = [build_model(cfg) for _ in range(runs)]
     stacked = StackedModel(models).to(device)
-    if compiled:
-        stacked.forward = torch.compile(stacked.forward)  # the vmapped forward (and so its backward) through inductor
     opt_cfg = {**cfg.optimizer, "betas": list(cfg.optimizer.betas)}
     grid = [StackedRun(m, dict(opt_cfg, lr=1e-4 * (1 + i), weight_decay=0.1 * (i % 2))) for i, m in enumerate(models)]
     optimizers = build_optimizers(stacked, models[0].to(device), grid)
-    step = StepFunction(stacked, optimizers, loop_config(cfg, device), cuda_graph=graph)
+    step = StepFunction(stacked, optimizers, loop_config(cfg, device), StepOptions(cuda_graph=graph, compile=compiled))
     inputs, targets = make_batch(cfg, device)
     return (lambda: step(inputs, targets)), stacked
 
 
-def graph_matches_eager(cfg, device, runs: int) -> float:
-    """Max |eager - graph| over the parameters after 4 steps from the same initialisation."""
+def graph_matches_eager(cfg, device, runs: int, compiled: bool) -> float:
+    """Max |eager - graph (compiled or not)| over the parameters after 4 steps from the same initialisation."""
     params = []
     for graph in (False, True):
-        step, stacked = stacked_step_fn(cfg, device, runs, graph)
+        step, stacked = stacked_step_fn(cfg, device, runs, graph, compiled=graph and compiled)
         for _ in range(4):
             step()
         torch.cuda.synchronize()
@@ -208,8 +206,10 @@ def main(argv=None) -> int:
                     add(attention, seq_len, "compiled", 1, time_steps(step, args.steps, device))
                 except Exception as e:  # noqa: BLE001 - reported, the other variants still run
                     notes.append(f"{attention} L={seq_len} compiled: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                diff = graph_matches_eager(cfg, device, args.runs)
-                notes.append(f"{attention} L={seq_len}: graph vs eager, max |param difference| after 4 steps = {diff:.2e}")
+                for compiled, name in ((False, "graph"), (True, "graph+compile")):
+                    diff = graph_matches_eager(cfg, device, args.runs, compiled)
+                    notes.append(f"{attention} L={seq_len}: {name} vs eager, max |param difference| after 4 steps = "
+                                 f"{diff:.2e}")  # fmt: skip
             for variant, graph in (("stacked", False), ("graph", True))[: 2 if device.type == "cuda" else 1]:
                 step, stacked = stacked_step_fn(cfg, device, args.runs, graph)
                 add(attention, seq_len, variant, args.runs, time_steps(step, args.steps, device))
@@ -222,6 +222,9 @@ def main(argv=None) -> int:
                     notes.append(f"{attention} L={seq_len} graph+compile: {type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:200]}")  # fmt: skip
             for workers in (int(x) for x in args.workers.split(",") if x):
+                if time.time() - started > args.budget_s:  # these start processes that compile: minutes at L=1024
+                    notes.append(f"{attention} L={seq_len} graph x{workers}: skipped, time budget {args.budget_s:.0f} s")
+                    continue
                 rate = concurrent_graphs(attention, seq_len, args.runs, args.steps, workers)
                 add(attention, seq_len, f"graph x{workers}", args.runs * workers, workers / rate)
             torch.cuda.empty_cache()

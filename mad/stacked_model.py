@@ -107,6 +107,8 @@ class StackedModel(nn.Module):
 
     @torch.no_grad()
     def select(self, keep: torch.Tensor) -> None:
-        """Keep only runs `keep` (indices into the current runs), in that order."""
+        """Keep only runs `keep` (indices into the current runs), in that order. Gradients are dropped (the next
+        step computes them afresh); a gradient of the old size would also break `torch.compile`'s next trace."""
         for p in self.stacked:
             p.data = p.data[keep.to(p.device)]
+            p.grad = None

@@ -33,7 +33,7 @@ from mad.resume import run_identity
 from mad.run import (
     fail_record, finish_record, initial_model, load_splits, loop_config, print_summary, record_header, run, validate,
 )  # fmt: skip
-from mad.stacked_train import StackedRun, shared_optimizer_settings, train_stacked
+from mad.stacked_train import StackedRun, StepOptions, shared_optimizer_settings, train_stacked
 
 # Layers whose forward torch.vmap can batch over stacked weights (SDPA, our Parallax kernels and reference).
 STACKABLE_MIXERS = (
@@ -97,7 +97,7 @@ def group_plans(plans: list[RunPlan], max_group: int = 0) -> list[list[RunPlan]]
     return chunked + singles
 
 
-def run_group(plans: list[RunPlan], device: torch.device, *, cuda_graph: bool) -> list[dict]:
+def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions = StepOptions()) -> list[dict]:
     """Train one group (mad/stacked_train.py; a lone non-stackable run trains as `mad.run` would) and write every
     run's record and weights. Returns the records, in order."""
     if len(plans) == 1 and not stackable(plans[0]):
@@ -113,7 +113,7 @@ def run_group(plans: list[RunPlan], device: torch.device, *, cuda_graph: bool) -
     try:
         train_split, test_split = load_splits(first.cfg, first.resolved)
         outcomes = train_stacked(runs, first.resolved["train"]["schedule"], train_split, test_split,
-                                 loop_config(first.cfg, device), cuda_graph=cuda_graph and device.type == "cuda")  # fmt: skip
+                                 loop_config(first.cfg, device), options=options.for_device(device))  # fmt: skip
     except Exception as e:
         for plan, record in zip(plans, records):
             fail_record(record, e, plan.run_dir, time.perf_counter() - started)

@@ -7,8 +7,9 @@ best-epoch selection and final weights, so its `TrainResult` is the one `mad.tra
 floating-point reordering; tests/test_stacked_training.py). A run that stops (early stop, divergence, last epoch) is
 dropped from the stack, so the others go on without carrying it.
 
-On CUDA the whole training step (forward, backward, optimizer) can be captured in a CUDA graph (`cuda_graph=True`):
-a step is then one graph replay instead of hundreds of kernel launches from Python.
+On CUDA the whole training step (forward, backward, optimizer) can be captured in a CUDA graph, and the stack's
+forward (and so its backward) compiled by `torch.compile` (`StepOptions`): a step is then one graph replay of fused
+kernels instead of hundreds of kernel launches from Python.
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ class StackedRun:
 
     model: nn.Module
     optimizer: dict
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How a stack's training step runs: captured as a CUDA graph, with the forward under `torch.compile`.
+
+    Both need CUDA (`for_device` turns them off elsewhere). Compiling costs tens of seconds per stack size; the
+    measured gain is in analysis/throughput/throughput.md.
+    """
+
+    cuda_graph: bool = False
+    compile: bool = False
+
+    def for_device(self, device: torch.device) -> StepOptions:
+        return self if device.type == "cuda" else StepOptions()
 
 
 @dataclass
@@ -107,21 +123,23 @@ def build_optimizers(stacked: StackedModel, template: nn.Module, runs: list[Stac
 class StepFunction:
     """One training step of the stack on a batch: `(inputs [b, T], targets [b, T]) -> losses [N]` (detached).
 
-    Eager by default; with `cuda_graph=True` (CUDA only) the step is captured once per stack size and replayed, the
-    batch copied into static buffers first (the last, partial batch of an epoch runs eagerly).
+    Eager by default; with `options.cuda_graph` the step is captured once per stack size and replayed, the batch
+    copied into static buffers first (the last, partial batch of an epoch runs eagerly); with `options.compile` the
+    stack's forward runs through `torch.compile` (recompiled when the stack shrinks).
     """
 
     def __init__(self, stacked: StackedModel, optimizers: list[StackedOptimizer], cfg: LoopConfig,
-                 cuda_graph: bool) -> None:  # fmt: skip
-        if cuda_graph and cfg.device.type != "cuda":
-            raise ValueError("cuda_graph=True needs a CUDA device; on the CPU the step runs eagerly")
-        self.stacked, self.optimizers, self.cfg, self.cuda_graph = stacked, optimizers, cfg, cuda_graph
+                 options: StepOptions = StepOptions()) -> None:  # fmt: skip
+        if options != options.for_device(cfg.device):
+            raise ValueError(f"{options} needs a CUDA device; on {cfg.device} the step runs eagerly")
+        self.stacked, self.optimizers, self.cfg, self.cuda_graph = stacked, optimizers, cfg, options.cuda_graph
+        self.forward = torch.compile(stacked) if options.compile else stacked
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def eager(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         n = self.stacked.num_runs
         with autocast(self.cfg, cache=False):
-            logits = self.stacked(inputs.expand(n, *inputs.shape))
+            logits = self.forward(inputs.expand(n, *inputs.shape))
         losses = per_run_loss(logits, targets)
         for opt in self.optimizers:
             opt.zero_grad()
@@ -183,7 +201,7 @@ def per_run_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def train_stacked(runs: list[StackedRun], schedule: dict, train_split: Split, test_split: Split, cfg: LoopConfig,
-                  *, cuda_graph: bool = False) -> list[StackedOutcome]:  # fmt: skip
+                  *, options: StepOptions = StepOptions()) -> list[StackedOutcome]:  # fmt: skip
     """Train every run of the group; returns, per run in order, what `mad.train.train` would return for it alone,
     with its final weights. `cfg.seed` orders the data of all runs (they share it, as they share the data)."""
     check_group(runs)
@@ -201,7 +219,7 @@ def train_stacked(runs: list[StackedRun], schedule: dict, train_split: Split, te
     optimizers = build_optimizers(stacked, scratch, runs)
     shadows = [ScheduleShadow(r.optimizer["lr"], r.optimizer["weight_decay"], len(optimizers), schedule, cfg.epochs)
                for r in runs]  # fmt: skip
-    step = StepFunction(stacked, optimizers, cfg, cuda_graph)
+    step = StepFunction(stacked, optimizers, cfg, options)
     active = list(range(len(runs)))  # the run index at each stack position
     outcomes: dict[int, StackedOutcome] = {}
     order = torch.Generator().manual_seed(cfg.seed)

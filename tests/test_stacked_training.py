@@ -13,12 +13,13 @@ from hydra_plugins.mad_stacked_launcher.stacked_launcher import check_devices, r
 from mad.config_checks import task_setting
 from mad.data import load_split
 from mad.optim import build_optimizers
-from mad.run import build_model
+from mad.run import build_model, loop_config
 from mad.schedules import build_schedules
 from mad.stacked_model import StackedModel
 from mad.stacked_optim import StackedAdamW, StackedMuon
 from mad.stacked_run import RunPlan, group_plans
-from mad.stacked_train import StackedRun, train_stacked
+from mad.stacked_train import StackedRun, StepFunction, StepOptions, train_stacked
+from mad.stacked_train import build_optimizers as stacked_optimizers
 from mad.train import LoopConfig, train
 from tests.conftest import REPO, records_under
 
@@ -181,7 +182,6 @@ def test_stacked_launcher_reports_bad_configs_before_training(cli, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; "
                     "benchmarks/bench_throughput.py checks graph == eager on the GPU before timing")
 def test_graph_captured_step_matches_the_eager_step():
-    from mad.stacked_train import StepFunction
 
     cfg = compose_cfg("attention=softmax")
     device = torch.device("cuda")
@@ -193,7 +193,7 @@ def test_graph_captured_step_matches_the_eager_step():
         stacked = StackedModel([build_model(cfg) for _ in range(2)]).to(device)
         opt = StackedAdamW(list(stacked.stacked), torch.tensor([1e-3, 1e-2]), torch.tensor([0.0, 0.1]),
                            betas=(0.9, 0.98), eps=1e-8)  # fmt: skip
-        step = StepFunction(stacked, [opt], loop, cuda_graph=graph)
+        step = StepFunction(stacked, [opt], loop, StepOptions(cuda_graph=graph))
         gen = torch.Generator().manual_seed(0)
         for _ in range(4):
             tokens = torch.randint(0, 16, (8, 12), generator=gen).to(device)
@@ -286,3 +286,48 @@ def test_stacked_model_under_autocast_computes_what_each_module_does(attention):
     assert got.dtype == want.dtype
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in stacked.stacked)
+
+
+@pytest.mark.parametrize("options", [StepOptions(cuda_graph=True), StepOptions(compile=True)])
+def test_cuda_step_options_turn_off_on_cpu(options):
+    """The launcher's CUDA-only switches fall back to the eager step on the CPU; asking the CPU step for them
+    directly is an error that names the device."""
+    cpu = torch.device("cpu")
+    assert options.for_device(cpu) == StepOptions()
+    assert options.for_device(torch.device("cuda")) == options
+    cfg = compose_cfg("attention=softmax")
+    loop = LoopConfig(epochs=1, batch_size=8, early_stop_accuracy=1.0, seed=0, device=cpu, autocast_dtype=None,
+                      progress=False)  # fmt: skip
+    stacked = StackedModel([build_model(cfg) for _ in range(2)])
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        StepFunction(stacked, [], loop, options)
+
+
+def test_compiled_step_survives_the_stack_shrinking():
+    """After finished runs leave the stack, a `torch.compile`d forward (traced by dynamo and AOTAutograd, as on the
+    GPU; the aot_eager backend skips only inductor's code generation) gives the eager step's losses. Stale gradients
+    of the old stack size once broke the retrace."""
+    cfg = compose_cfg("attention=parallax", "task.seq_len=16", "train.batch_size=4")
+    loop = loop_config(cfg, torch.device("cpu"))
+    tokens = torch.randint(0, 16, (4, 15), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        models = [build_model(cfg) for _ in range(3)]
+        stacked = StackedModel(models)
+        opt_cfg = {**cfg.optimizer, "betas": list(cfg.optimizer.betas)}
+        runs = [StackedRun(m, dict(opt_cfg, lr=1e-3 * (i + 1), weight_decay=0.1)) for i, m in enumerate(models)]
+        optimizers = stacked_optimizers(stacked, models[0], runs)
+        step = StepFunction(stacked, optimizers, loop)
+        if compiled:
+            step.forward = torch.compile(stacked, backend="aot_eager")
+        seen = []
+        for size in (3, 2):
+            seen += [step(tokens, tokens) for _ in range(2)]
+            keep = torch.arange(size - 1)  # the last run leaves the stack
+            stacked.select(keep)
+            for opt in optimizers:
+                opt.select(keep)
+        seen += [step(tokens, tokens) for _ in range(2)]  # one run left
+        losses.append(torch.cat(seen))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ class StackedLauncherConf:
     workers_per_device: int = 1  # concurrent groups (processes) per device
     max_group: int = 0  # most runs per stack; 0: the whole lr x weight-decay grid of a setting
     cuda_graph: bool = True  # capture each stack's training step as a CUDA graph (CUDA only)
+    compile: bool = False  # the stack's forward under torch.compile (CUDA only; analysis/throughput/sweep_compile.md)
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="stacked", node=StackedLauncherConf, provider="mad")

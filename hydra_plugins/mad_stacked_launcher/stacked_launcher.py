@@ -71,7 +71,7 @@ def _pin_worker(slots) -> None:
     _WORKER_DEVICE = slots.get()
 
 
-def _train_group_in_worker(plans, cuda_graph: bool) -> list[dict]:
+def _train_group_in_worker(plans, options) -> list[dict]:
     import torch
 
     from mad.stacked_run import run_group
@@ -79,7 +79,7 @@ def _train_group_in_worker(plans, cuda_graph: bool) -> list[dict]:
     device = torch.device(_WORKER_DEVICE)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return run_group(plans, device, cuda_graph=cuda_graph)
+    return run_group(plans, device, options)
 
 
 def _or_error(call):
@@ -92,10 +92,12 @@ def _or_error(call):
 
 class StackedLauncher(Launcher):
     def __init__(self, devices: Any = "auto", workers_per_device: int = 1, max_group: int = 0,
-                 cuda_graph: bool = True) -> None:  # fmt: skip
+                 cuda_graph: bool = True, compile: bool = False) -> None:  # fmt: skip
+        from mad.stacked_train import StepOptions
+
         super().__init__()
         self.devices, self.workers_per_device = devices, workers_per_device
-        self.max_group, self.cuda_graph = max_group, cuda_graph
+        self.max_group, self.options = max_group, StepOptions(cuda_graph=cuda_graph, compile=compile)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
 
@@ -164,11 +166,11 @@ class StackedLauncher(Launcher):
             from mad.stacked_run import run_group
 
             device = torch.device(slots[0])
-            return [_or_error(lambda g=group: run_group(g, device, cuda_graph=self.cuda_graph)) for group in groups]
+            return [_or_error(lambda g=group: run_group(g, device, self.options)) for group in groups]
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         for slot in slots:
             queue.put(slot)
         with ProcessPoolExecutor(len(slots), mp_context=context, initializer=_pin_worker, initargs=(queue,)) as pool:
-            futures = [pool.submit(_train_group_in_worker, group, self.cuda_graph) for group in groups]
+            futures = [pool.submit(_train_group_in_worker, group, self.options) for group in groups]
             return [_or_error(f.result) for f in futures]

@@ -11,7 +11,9 @@ holds no useful data: the numbers are cold. Every peer is optional: a peer that 
 reported with the reason and the run goes on. TB/s = K+V bytes / time. Each peer is checked once against a
 float64 reference (relative max-norm error) before it is timed at a point.
 
-Peers: ours (`impl="cute"`, `impl="triton"`, and `impl="auto"`, which picks one of them by batch x heads); the official parallax-kernel (`parallax.parallax_attn_with_kvcache`,
+Peers: ours (`impl="cute"`, `impl="triton"`, and `impl="auto"`, which picks one of them by batch x heads; and
+`ours_triton_1launch` / `ours_triton_2launch`, the Triton kernel with its split merge forced into the split launch
+or into a second launch, `triton_decode(merge="atomic" | "kernel")`); the official parallax-kernel (`parallax.parallax_attn_with_kvcache`,
 CuTeDSL; `parallax.triton.parallax_decode`); fla-core's `parallax_decode_one_step`; softmax decode through
 `scaled_dot_product_attention` with the cuDNN and flash backends forced, at the same heads and with twice the
 query heads over the same KV heads (GQA-2: the bytes and tensor work of Parallax decode); FlashAttention-3's
@@ -43,7 +45,7 @@ EXTRA_POINTS = ((32, 8, 16384),)  # (B, H, L): the official README's headline po
 K_LIMIT = 4 << 30
 ROTATE_BELOW = 240e6
 ROTATE_COVER = 256e6
-OURS = ("ours_auto", "ours_cute", "ours_triton")
+OURS = ("ours_auto", "ours_cute", "ours_triton", "ours_triton_1launch", "ours_triton_2launch")
 COPY_BYTES = 2 << 30
 COPY_REPS, COPY_WARMUP = 20, 3
 DOCS_COPY_TBS = 4.23  # docs/device.md: median of 20 eager 2 GiB device copies, read + written bytes
@@ -68,13 +70,16 @@ def parse_args(argv=None):
 
 def build_peers(torch, F):
     """name -> (make(inputs) -> zero-argument call, or the reason it is unavailable as a str)."""
-    from kernels.parallax.decode import cute_available, parallax_decode
+    from kernels.parallax.decode import cute_available, parallax_decode, triton_decode
 
     peers = {}
     ok, why = cute_available()
     peers["ours_cute"] = (lambda s: lambda: parallax_decode(s["q"], s["r"], s["k"], s["v"], impl="cute")) if ok else why
     peers["ours_triton"] = lambda s: lambda: parallax_decode(s["q"], s["r"], s["k"], s["v"], impl="triton")
     peers["ours_auto"] = lambda s: lambda: parallax_decode(s["q"], s["r"], s["k"], s["v"], impl="auto")
+    for name, merge in (("ours_triton_1launch", "atomic"), ("ours_triton_2launch", "kernel")):
+        peers[name] = lambda s, merge=merge: lambda: triton_decode(s["q"], s["r"], s["k"], s["v"],
+                                                                   scale=s["q"].shape[-1] ** -0.5, merge=merge)
     try:
         import parallax
 

@@ -6,8 +6,11 @@
 For every impl that can run here, each shape draws batch, cache length (not a multiple of any tile), ragged
 cache_seqlens, GQA group, head_dim in {64, 128} and a forced split count (or the automatic one); inputs are
 RMS-scale bf16, the cache past each valid prefix is NaN, and every allocation in the call returns NaN-filled
-memory (so an unwritten output or a read past the prefix shows up). Pass: max-norm relative error < 1e-2 and no
-NaN. A few rows use an adversarially large probe (|r| x 8) and are reported apart, outside the pass criterion.
+memory (so an unwritten output or a read past the prefix shows up). Each call is issued twice back to back, with
+no sync between. Pass: max-norm relative error < 1e-2, no NaN, and the second call's output equal to the first's.
+A few rows use an adversarially large probe (|r| x 8) and are reported apart, outside the pass criterion.
+Impls: those of parallax_decode, plus "triton_1launch" and "triton_2launch", the Triton kernel with each of its
+split merges forced (`triton_decode(merge="atomic" | "kernel")`, called directly with the default scale).
 Writes `<out>/parallax_decode_check.md`; exits 1 if any checked row fails.
 """
 
@@ -25,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-2
+TRITON_MERGE_IMPLS = {"triton_1launch": "atomic", "triton_2launch": "kernel"}  # impl -> triton_decode(merge=)
 
 
 def parse_args(argv=None):
@@ -32,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(REPO / "analysis" / "kernels"), help="folder for parallax_decode_check.md")
     p.add_argument("--shapes", type=int, default=200, help="random shapes per impl (>= 200 for the record)")
     p.add_argument("--adversarial", type=int, default=8, help="extra shapes with |r| x 8 (reported apart)")
-    p.add_argument("--impls", default="triton,cute", help="comma-separated impls to check when available")
+    p.add_argument("--impls", default="triton,triton_1launch,triton_2launch,cute",
+                   help="comma-separated impls to check when available")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu-smoke", action="store_true", help="run the Triton impl under TRITON_INTERPRET=1 at 2 tiny fp32 shapes")
     return p.parse_args(argv)
@@ -80,7 +85,7 @@ def available_impls(torch, wanted: list[str], cpu: bool) -> dict[str, str]:
 
     status = {}
     for impl in wanted:
-        if impl == "triton":
+        if impl == "triton" or impl in TRITON_MERGE_IMPLS:
             status[impl] = "" if (torch.cuda.is_available() or cpu) else "no CUDA device"
         elif impl == "cute":
             ok, why = (False, "CPU smoke runs Triton only") if cpu else cute_available()
@@ -90,6 +95,16 @@ def available_impls(torch, wanted: list[str], cpu: bool) -> dict[str, str]:
     return status
 
 
+def call_impl(impl: str, q, r, k, v, lens, splits):
+    """One decode call: parallax_decode, or triton_decode with a forced merge for the TRITON_MERGE_IMPLS."""
+    from kernels.parallax.decode import parallax_decode, triton_decode
+
+    if impl in TRITON_MERGE_IMPLS:
+        return triton_decode(q, r, k, v, cache_seqlens=lens, scale=q.shape[-1] ** -0.5, num_splits=splits,
+                             merge=TRITON_MERGE_IMPLS[impl])
+    return parallax_decode(q, r, k, v, cache_seqlens=lens, impl=impl, num_splits=splits)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_smoke:
@@ -97,7 +112,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from kernels.parallax.decode import MAX_SPLITS, parallax_decode
+    from kernels.parallax.decode import MAX_SPLITS
     from kernels.testing import nan_filled_empty
 
     cpu = args.cpu_smoke
@@ -122,23 +137,26 @@ def main(argv=None) -> int:
         for _ in range(n_adv):
             shapes.append(draw_shape(rng, impl, MAX_SPLITS, cpu) | {"r_scale": 8.0})
         for i, shape in enumerate(shapes):
-            row = dict(impl=impl, **shape, err=float("nan"), nan=False, ok=False, error="")
+            row = dict(impl=impl, **shape, err=float("nan"), nan=False, repeat_ok=False, ok=False, error="")
             try:
                 q, r, k, v, lens = make_case(torch, shape, dtype, device, gen)
                 ref = reference(torch, q, r, k, v, lens)
                 with nan_filled_empty():
-                    out = parallax_decode(q, r, k, v, cache_seqlens=lens, impl=impl, num_splits=shape["splits"])
+                    out, again = (call_impl(impl, q, r, k, v, lens, shape["splits"]) for _ in range(2))
                 if not cpu:
                     torch.cuda.synchronize()
                 row["nan"] = bool(out.isnan().any())
                 row["err"] = float((out.double() - ref).abs().max() / ref.abs().max())
-                row["ok"] = not row["nan"] and row["err"] < TOL and out.shape == q.shape and out.dtype == q.dtype
+                row["repeat_ok"] = bool(torch.equal(out, again))
+                row["ok"] = (not row["nan"] and row["err"] < TOL and row["repeat_ok"] and out.shape == q.shape
+                             and out.dtype == q.dtype)
             except Exception as err:  # noqa: BLE001 - record the failure and go on with the other shapes
                 row["error"] = f"{type(err).__name__}: {err}"[:300]
                 traceback.print_exc()
             rows.append(row)
             if i % 40 == 0 or not row["ok"]:
-                print(f"[{impl} {i + 1}/{len(shapes)}] {shape} err={row['err']:.2e} nan={row['nan']} ok={row['ok']} "
+                print(f"[{impl} {i + 1}/{len(shapes)}] {shape} err={row['err']:.2e} nan={row['nan']} "
+                      f"repeat_ok={row['repeat_ok']} ok={row['ok']} "
                       f"{row['error']}", flush=True)
     write_report(args, torch, status, rows, time.time() - t0, cpu)
     failed = [r for r in rows if not r["ok"] and r["r_scale"] <= 1.0]
@@ -168,17 +186,18 @@ def write_report(args, torch, status, rows, seconds, cpu) -> None:
         f"* date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: {device}",
         f"* versions: {versions(torch)}",
         f"* command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-        f"* dtype {'fp32 (interpreter)' if cpu else 'bf16'}; pass: max-norm relative error < {TOL:g}, no NaN; "
+        f"* dtype {'fp32 (interpreter)' if cpu else 'bf16'}; pass: max-norm relative error < {TOL:g}, no NaN, a second "
+        "back-to-back call equal to the first; "
         f"outputs and workspaces NaN-poisoned, cache NaN past each prefix; {seconds:.0f} s",
         "",
-        "| impl | status | shapes | pass | max err | median err | NaN | errors | adversarial r (x8): max err |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| impl | status | shapes | pass | max err | median err | NaN | repeat differs | errors | adversarial r (x8): max err |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for impl, why in status.items():
         mine = [r for r in rows if r["impl"] == impl and r["r_scale"] <= 1.0]
         adv = [r for r in rows if r["impl"] == impl and r["r_scale"] > 1.0]
         if why:
-            lines.append(f"| {impl} | skipped: {why} | 0 | | | | | | |")
+            lines.append(f"| {impl} | skipped: {why} | 0 | | | | | | | |")
             continue
         errs = sorted(r["err"] for r in mine if r["err"] == r["err"])
         adv_errs = [r["err"] for r in adv if r["err"] == r["err"]]
@@ -186,15 +205,18 @@ def write_report(args, torch, status, rows, seconds, cpu) -> None:
             f"| {impl} | {'PASS' if mine and all(r['ok'] for r in mine) else 'FAIL'} | {len(mine)} | "
             f"{sum(r['ok'] for r in mine)} | {max(errs, default=float('nan')):.2e} | "
             f"{errs[len(errs) // 2] if errs else float('nan'):.2e} | {sum(r['nan'] for r in mine)} | "
+            f"{sum(not r['repeat_ok'] and not r['error'] for r in mine)} | "
             f"{sum(bool(r['error']) for r in mine)} | {max(adv_errs, default=float('nan')):.2e} |"
         )
     bad = [r for r in rows if not r["ok"]]
     if bad:
-        lines += ["", "## Failing rows (first 40)", "", "| impl | B | H | H_kv | L | D | splits | ragged | r x | err | NaN | error |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | --- | --- |"]
+        lines += ["", "## Failing rows (first 40)", "",
+                  "| impl | B | H | H_kv | L | D | splits | ragged | r x | err | NaN | repeat equal | error |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | --- | --- | --- |"]
         for r in bad[:40]:
             lines.append(f"| {r['impl']} | {r['B']} | {r['H']} | {r['H_kv']} | {r['L']} | {r['D']} | {r['splits']} | "
-                         f"{r['ragged']} | {r['r_scale']:g} | {r['err']:.2e} | {r['nan']} | {r['error'].replace('|', '/')} |")
+                         f"{r['ragged']} | {r['r_scale']:g} | {r['err']:.2e} | {r['nan']} | {r['repeat_ok']} | "
+                         f"{r['error'].replace('|', '/')} |")
     (out / "parallax_decode_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kernels.parallax.decode import MAX_SPLITS, hopper_kernel, parallax_decode  # noqa: E402
+from kernels.parallax.decode import MAX_SPLITS, TRITON_MERGES, hopper_kernel, parallax_decode, triton_decode  # noqa: E402
 from kernels.parallax.reference import parallax_attention  # noqa: E402
 from kernels.testing import nan_filled_empty  # noqa: E402
 
@@ -177,6 +177,12 @@ def test_reference_rejects_float64_and_cute_needs_a_gpu():
         parallax_decode(b["q"], b["r"], b["k_cache"], b["v_cache"], impl="cute")
 
 
+def test_triton_decode_rejects_an_unknown_merge():
+    a = _good(torch.float16)
+    with pytest.raises(ValueError, match="merge="):
+        triton_decode(a["q"], a["r"], a["k_cache"], a["v_cache"], scale=0.1, merge="lse")
+
+
 def test_triton_on_cpu_without_the_interpreter_is_a_value_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     a = _good(torch.float16)
@@ -225,6 +231,8 @@ def _run_interpreter_cases() -> dict:
         out = parallax_decode(q, r, kk, vv, cache_seqlens=lens, impl="triton", num_splits=2)
         report[name] = dict(err=rel_err(out, ref), nan=bool(out.isnan().any()), dtype_ok=True, shape_ok=True)
     report.update(_run_large_probe_cases())
+    report.update(_run_merge_cases())
+    report.update(_run_counter_reuse())
     return report
 
 
@@ -271,6 +279,50 @@ def _run_large_probe_cases() -> dict:
     return report
 
 
+# Both split merges of triton_decode, forced: (name, B, H, H_kv, L, D, dtype, num_splits list). 32-key tiles under
+# the interpreter: L = 100 is 4 tiles, so 5, 6 and MAX_SPLITS leave empty splits, and the ragged lengths (1 and L
+# included) leave short sequences empty splits at every count above 1.
+MERGE_CASES = [
+    ("g1_fp32", 3, 2, 2, 100, 64, "float32", [1, 2, 3, 4, 5, 6, MAX_SPLITS]),
+    ("g2_fp16", 3, 4, 2, 100, 64, "float16", [1, 2, 3, 5, MAX_SPLITS]),
+    ("g4_fp32_d128", 2, 8, 2, 70, 128, "float32", [2, 3, 6]),
+    ("g8_fp16", 2, 8, 1, 45, 64, "float16", [2, 4]),
+]
+
+
+def _run_merge_cases() -> dict:
+    report = {}
+    for i, (name, B, H, H_kv, L, D, dtype, splits_list) in enumerate(MERGE_CASES):
+        q, r, k, v, lens = make_inputs(B, H, H_kv, L, D, dtype=getattr(torch, dtype), seed=200 + i)
+        ref = prefix_reference(q, r, k, v, lens, scale=0.2)
+        for merge in TRITON_MERGES:
+            for splits in splits_list:
+                out = triton_decode(q, r, k, v, cache_seqlens=lens, scale=0.2, num_splits=splits, merge=merge)
+                report[f"merge_{merge}_{name}/splits={splits}"] = dict(
+                    err=rel_err(out, ref), nan=bool(out.isnan().any()), dtype_ok=out.dtype == q.dtype,
+                    shape_ok=out.shape == q.shape)
+    return report
+
+
+def _run_counter_reuse() -> dict:
+    """merge="atomic" three times in a row on one counter buffer, from empty and with room for 2 counters at first:
+    B * H_kv = 2, then 6 (the buffer grows, the old one is kept), then 2 again (the grown one is reused). Each
+    call must match the reference and leave every counter at 0."""
+    from kernels.parallax import decode
+
+    decode._MERGE_COUNTERS.clear()
+    decode._MIN_COUNTERS = 2
+    report = {}
+    for call, (B, H, H_kv, splits) in enumerate([(2, 2, 1, 3), (3, 4, 2, 4), (2, 4, 1, 2)]):
+        q, r, k, v, lens = make_inputs(B, H, H_kv, 70, 64, seed=300 + call)
+        out = triton_decode(q, r, k, v, cache_seqlens=lens, scale=0.2, num_splits=splits, merge="atomic")
+        buffers = decode._MERGE_COUNTERS[q.device]
+        report[f"reuse/call={call}"] = dict(
+            err=rel_err(out, prefix_reference(q, r, k, v, lens, scale=0.2)), nan=bool(out.isnan().any()),
+            counters=[int(c.abs().sum()) for c in buffers], sizes=[c.numel() for c in buffers])
+    return report
+
+
 def _run_script_smokes(out_dir: str) -> dict:
     """`--cpu-smoke` of both GPU scripts, in this (interpreter) process to save a start-up per script."""
     import importlib.util
@@ -298,6 +350,8 @@ def interpreter_report(tmp_path_factory):
 def test_triton_interpreter_covers_every_case(interpreter_report):
     expected = {f"{c[0]}/splits={s}" for c in INTERPRET_CASES for s in c[7]} | {"strided_heads", "strided_len", "_smoke"}
     expected |= {f"large_u_{c[0]}/L={n}/splits={s}" for c in LARGE_PROBE_CASES for n in c[2] for s in c[4]}
+    expected |= {f"merge_{m}_{c[0]}/splits={s}" for c in MERGE_CASES for m in TRITON_MERGES for s in c[7]}
+    expected |= {f"reuse/call={i}" for i in range(3)}
     assert set(interpreter_report) == expected
 
 
@@ -310,6 +364,30 @@ def test_triton_decode_matches_the_prefix_reference(interpreter_report, case):
         assert not row["nan"], key
         assert row["dtype_ok"] and row["shape_ok"], key
         assert row["err"] < tol, (key, row["err"])
+
+
+@pytest.mark.parametrize("merge", TRITON_MERGES)
+@pytest.mark.parametrize("case", [c[0] for c in MERGE_CASES])
+def test_triton_split_merges_match_the_prefix_reference(interpreter_report, merge, case):
+    """merge="atomic" (the last split program merges, one launch) and merge="kernel" (a second launch), at every
+    forced split count, empty splits included. The interpreter runs programs one after another, so this checks the
+    arithmetic and the counter protocol, not the memory ordering (benchmarks/check_parallax_decode.py does that on
+    a GPU)."""
+    rows = {k: v for k, v in interpreter_report.items() if k.startswith(f"merge_{merge}_{case}/")}
+    assert rows
+    tol = 2e-3 if "fp16" in case else 1e-5
+    for key, row in rows.items():
+        assert not row["nan"], key
+        assert row["dtype_ok"] and row["shape_ok"], key
+        assert row["err"] < tol, (key, row["err"])
+
+
+def test_triton_atomic_merge_reuses_and_resets_its_counters(interpreter_report):
+    rows = [interpreter_report[f"reuse/call={i}"] for i in range(3)]
+    for i, row in enumerate(rows):
+        assert not row["nan"] and row["err"] < 1e-5, (i, row)
+        assert not any(row["counters"]), (i, row)  # the merging program put its counter back to 0
+    assert [row["sizes"] for row in rows] == [[2], [2, 6], [2, 6]]  # grown once, old buffer kept, then reused
 
 
 @pytest.mark.parametrize("case", [c[0] for c in LARGE_PROBE_CASES])
@@ -340,7 +418,8 @@ def test_gpu_scripts_cpu_smoke(interpreter_report):
     """Both scripts ran with --cpu-smoke inside the interpreter subprocess (see _run_interpreter_cases)."""
     smoke = interpreter_report["_smoke"]
     assert smoke["check_rc"] == 0 and smoke["bench_rc"] == 0, smoke
-    assert "| triton | PASS | 2 | 2 |" in smoke["check_report"], smoke["check_report"]
+    for impl in ("triton", "triton_1launch", "triton_2launch"):
+        assert f"| {impl} | PASS | 2 | 2 |" in smoke["check_report"], smoke["check_report"]
 
 
 # ---- CuTeDSL: compile for sm_90a without a GPU (subprocess) ----------------------------------------------

@@ -24,6 +24,19 @@ Split-KV: each split writes its RAW partials (m, l, R, O, OR); the merge rescale
 M = max_s m_s, sums, and only then finalises o = v̄(1 + ū) − ōr with v̄ = O/l, ū = R/l, ōr = OR/l. Finished
 outputs must never be merged with LSE weights: o is not linear in the split (the ū·v̄ term).
 
+Triton merge (`triton_decode(merge=...)`): "kernel" merges in a second launch, one program per (b, head).
+"atomic" merges in the split launch itself: each split program stores its partials, CTA-barriers, and one thread
+adds 1 to the int32 counter of its (b, kv head) with acq_rel semantics at gpu scope; the program that reads
+num_splits − 1 back is the last, merges the GROUP rows of that KV head (loads with `.cg`, from L2) and stores 0
+back, so that the counter is zero again when the launch ends. Ordering: every thread's partial stores precede the
+barrier, which precedes the releasing increment; the last increment reads every earlier one in the counter's
+modification order, so its acquire makes all splits' partials visible, and the barrier after it (Triton's
+broadcast of a scalar atomic's result) orders the merging threads' loads after the acquire.
+The counters are one zeroed buffer per device (`_MERGE_COUNTERS`), grown outside CUDA-graph capture and never
+freed (a captured graph keeps its address); calls that use it must not overlap: back-to-back calls on one stream
+are safe, concurrent calls on two streams of one device (or concurrent replays of graphs holding it) are not. Under
+capture, a buffer too small for B*H_kv (e.g. no eager call beforehand) makes the call use merge="kernel".
+
 Backends (`impl`): "reference" (PyTorch, any device), "triton" (any CUDA GPU; CPU under TRITON_INTERPRET=1),
 "cute" (CuTeDSL, Hopper, see cute_decode.py), "auto" (on sm_90 with the DSL importable: triton for B*H <= 256 and
 cute above, as measured, see `hopper_kernel`; triton on other GPUs; reference on CPU).
@@ -52,6 +65,10 @@ _LOG2E = 1.4426950408889634
 _CUTE_MAX_GROUP = 8  # query heads per KV head in the CuTeDSL tile (rows 0..7 queries, 8..15 probes)
 _TRITON_MAX_ROWS = 256  # impl="auto" on Hopper: B * H up to this runs the Triton kernel (see hopper_kernel)
 _TRITON_PROGRAMS_PER_SM = 2  # 4 warps, 3 pipelined stages of a 64-key K/V tile: about two programs fit an SM
+TRITON_MERGES = ("atomic", "kernel")  # split partials merged by the last split program, or by a second launch
+TRITON_MERGE = "atomic"  # the default of triton_decode (and so of impl="triton" / "auto" when Triton runs)
+_MIN_COUNTERS = 1024  # int32 merge counters first allocated per device (B * H_kv needed; doubled when short)
+_MERGE_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}  # device -> every counter buffer made, newest last
 
 
 def parallax_decode(
@@ -264,16 +281,18 @@ def auto_num_splits(batch: int, kv_heads: int, max_len: int, block_n: int, resid
 
 @triton.jit
 def _split_kernel(
-    Q, R, K, V, SEQLENS, OUT, PM, PL, PR, PO, POR,
+    Q, R, K, V, SEQLENS, OUT, PM, PL, PR, PO, POR, COUNTERS,
     scale_log2, max_len, num_splits,
     stride_qb, stride_qh, stride_rb, stride_rh,
     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
     stride_ob, stride_oh,
     H_KV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr, ONE_SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, ONE_SPLIT: tl.constexpr, IEEE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
 ):
     """One program: sequence b, KV head hk, split s. Its GROUP query heads (rows padded to ROWS >= 16 for tl.dot)
-    share each K/V tile; S = c·Q·Kᵀ and U = R·Kᵀ are two [ROWS, BLOCK_N] products, O and OR two [ROWS, D]."""
+    share each K/V tile; S = c·Q·Kᵀ and U = R·Kᵀ are two [ROWS, BLOCK_N] products, O and OR two [ROWS, D].
+    MERGE_SPLITS: 0, or the merge tile height (a power of 2 >= num_splits) when the last split program of each
+    (b, hk) merges in this launch (merge="atomic"; COUNTERS: int32 [>= B * H_KV], zero on entry and on exit)."""
     pid_bh = tl.program_id(0)  # batch x kv_heads on axis 0 (up to 2^31 - 1 programs), splits on axis 1
     pid_s = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)
@@ -349,6 +368,47 @@ def _split_kernel(
         tl.store(PR + part, u_bar * l, mask=row_ok)
         tl.store(PO + part[:, None] * D + d[None, :], acc_o, mask=row_ok[:, None])
         tl.store(POR + part[:, None] * D + d[None, :], acc_or + u_bar[:, None] * acc_o, mask=row_ok[:, None])
+        if MERGE_SPLITS > 0:
+            _merge_if_last(COUNTERS + pid_bh, PM, PL, PR, PO, POR, OUT + b * stride_ob, b * (H_KV * GROUP) + hk * GROUP,
+                           hk * GROUP, num_splits, stride_oh, GROUP, D, MERGE_SPLITS)
+
+
+@triton.jit
+def _merge_if_last(
+    COUNTER, PM, PL, PR, PO, POR, OUT_B, row0, head0, num_splits, stride_oh,
+    GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """Count this split program in on the (b, kv head) COUNTER; the last of the num_splits to arrive merges rows
+    row0 .. row0 + GROUP - 1 of the partials into query heads head0 .. of OUT_B (sequence b's output) and zeroes
+    COUNTER for the next launch."""
+    tl.debug_barrier()  # every thread's partial stores, then one thread's releasing increment
+    arrived = tl.atomic_add(COUNTER, 1, sem="acq_rel", scope="gpu")  # the result's broadcast barriers the CTA
+    if arrived == num_splits - 1:
+        for g in range(GROUP):
+            _merge_row(PM, PL, PR, PO, POR, OUT_B + (head0 + g) * stride_oh, row0 + g, num_splits, D, SPLITS)
+        tl.store(COUNTER, 0)  # every split has arrived: nothing else touches COUNTER in this launch
+
+
+@triton.jit
+def _merge_row(PM, PL, PR, PO, POR, OUT_ROW, row, num_splits, D: tl.constexpr, SPLITS: tl.constexpr):
+    """Merge the num_splits raw partials of one (b, head) row (PM/PL/PR `[rows * num_splits]`, PO/POR
+    `[rows * num_splits, D]`): rescale to their shared max, sum, finalise, store D outputs at OUT_ROW. Loads are
+    `.cg` (L2, not L1), as the in-launch merge reads partials that other programs wrote."""
+    s = tl.arange(0, SPLITS)
+    s_ok = s < num_splits
+    part = row * num_splits + s
+    m = tl.load(PM + part, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+    m_max = tl.max(m, axis=0)  # finite: cache_seqlens >= 1, so some split saw a key
+    w = tl.where(m > float("-inf"), tl.math.exp2(m - m_max), 0.0)  # empty splits weigh 0, never NaN
+    l = tl.sum(w * tl.load(PL + part, mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
+    acc_r = tl.sum(w * tl.load(PR + part, mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
+    d = tl.arange(0, D)
+    tile = part[:, None] * D + d[None, :]  # [SPLITS, D]
+    acc_o = tl.sum(w[:, None] * tl.load(PO + tile, mask=s_ok[:, None], other=0.0, cache_modifier=".cg"), axis=0)
+    acc_or = tl.sum(w[:, None] * tl.load(POR + tile, mask=s_ok[:, None], other=0.0, cache_modifier=".cg"), axis=0)
+    inv_l = 1.0 / l
+    out = acc_o * (inv_l * (1.0 + acc_r * inv_l)) - acc_or * inv_l
+    tl.store(OUT_ROW + d, out.to(OUT_ROW.dtype.element_ty))
 
 
 @triton.jit
@@ -356,29 +416,18 @@ def _merge_kernel(
     PM, PL, PR, PO, POR, OUT, num_splits, stride_ob, stride_oh,
     H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    """One program per (b, head): rescale the raw split partials to their shared max, sum, then finalise."""
+    """One program per (b, head): the second launch of merge="kernel"."""
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // H
-    h = pid % H
-    s = tl.arange(0, SPLITS)
-    s_ok = s < num_splits
-    part = pid * num_splits + s
-    m = tl.load(PM + part, mask=s_ok, other=float("-inf"))
-    m_max = tl.max(m, axis=0)  # finite: cache_seqlens >= 1, so some split saw a key
-    w = tl.where(m > float("-inf"), tl.math.exp2(m - m_max), 0.0)  # empty splits weigh 0, never NaN
-    l = tl.sum(w * tl.load(PL + part, mask=s_ok, other=0.0), axis=0)
-    acc_r = tl.sum(w * tl.load(PR + part, mask=s_ok, other=0.0), axis=0)
-    d = tl.arange(0, D)
-    acc_o = tl.sum(w[:, None] * tl.load(PO + part[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0), axis=0)
-    acc_or = tl.sum(w[:, None] * tl.load(POR + part[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0), axis=0)
-    inv_l = 1.0 / l
-    out = acc_o * (inv_l * (1.0 + acc_r * inv_l)) - acc_or * inv_l
-    tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
+    _merge_row(PM, PL, PR, PO, POR, OUT + (pid // H) * stride_ob + (pid % H) * stride_oh, pid, num_splits, D, SPLITS)
 
 
 def triton_decode(q, r, k_cache, v_cache, *, cache_seqlens=None, scale: float, num_splits: int | None = None,
-                  block_n: int | None = None) -> torch.Tensor:
-    """Launch the split kernel (and the merge kernel when splits > 1). Inputs are assumed checked."""
+                  block_n: int | None = None, merge: str | None = None) -> torch.Tensor:
+    """Launch the split kernel and, when splits > 1, merge the partials: in the split launch (merge="atomic") or
+    in a second launch (merge="kernel"). Default: TRITON_MERGE. Inputs are assumed checked."""
+    merge = merge or TRITON_MERGE
+    if merge not in TRITON_MERGES:
+        raise ValueError(f"merge={merge!r} is not one of {TRITON_MERGES}")
     B, _, H, D = q.shape
     max_len, H_kv = k_cache.shape[1], k_cache.shape[2]
     group = H // H_kv
@@ -391,20 +440,35 @@ def triton_decode(q, r, k_cache, v_cache, *, cache_seqlens=None, scale: float, n
         po, por = (torch.empty(B * H * splits, D, **f32) for _ in range(2))
     else:
         pm = pl = pr = po = por = out  # unused
+    counters = _merge_counters(q.device, B * H_kv) if splits > 1 and merge == "atomic" else None
+    merge_tile = max(2, triton.next_power_of_2(splits))
     seqlens = cache_seqlens if cache_seqlens is not None else out  # unused when HAS_SEQLENS is False
     _split_kernel[(B * H_kv, splits)](
-        q, r, k_cache, v_cache, seqlens, out, pm, pl, pr, po, por,
+        q, r, k_cache, v_cache, seqlens, out, pm, pl, pr, po, por, out if counters is None else counters,
         scale * _LOG2E, max_len, splits,
         q.stride(0), q.stride(2), r.stride(0), r.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(2),
         H_KV=H_kv, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=block_n,
         HAS_SEQLENS=cache_seqlens is not None, ONE_SPLIT=splits == 1, IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        MERGE_SPLITS=0 if counters is None else merge_tile, num_warps=4,
     )
-    if splits > 1:
+    if splits > 1 and counters is None:
         _merge_kernel[(B * H,)](
-            pm, pl, pr, po, por, out, splits, out.stride(0), out.stride(2),
-            H=H, D=D, SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=4,
+            pm, pl, pr, po, por, out, splits, out.stride(0), out.stride(2), H=H, D=D, SPLITS=merge_tile, num_warps=4,
         )
     return out
+
+
+def _merge_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """The device's zeroed int32 merge counters, at least `n` of them; None while a CUDA graph is being captured
+    and the buffer is too small (an allocation then would belong to the graph; the caller merges in a second
+    launch instead). Growing keeps the old buffers alive: a captured graph may still hold one."""
+    made = _MERGE_COUNTERS.setdefault(device, [])
+    if made and made[-1].numel() >= n:
+        return made[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    size = max(n, 2 * made[-1].numel() if made else _MIN_COUNTERS)
+    made.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return made[-1]

@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/profile_step.py --out analysis/throughput/
 
 For each attention (the MAD model, batch 128, AdamW, bf16 autocast on GPU) it profiles 5 steps after warm-up of
-(a) one run, the loop of mad/train.py, and (b) N runs as one stack (mad/stacked_train.py, eager: the profiler sees
-each kernel), and writes the kernels with the most device time per step. Reuses the step builders of
+(a) one run, the loop of mad/train.py, (b) N runs as one stack (mad/stacked_train.py, eager: the profiler sees
+each kernel) and, on GPU, (c) that stack with its forward under torch.compile, and writes the kernels with the most device time per step. Reuses the step builders of
 benchmarks/bench_throughput.py. On the CPU (no GPU) it profiles CPU time, to test the script.
 """
 
@@ -80,6 +80,9 @@ def main(argv=None) -> int:
         cfg = compose_cfg(attention, args.seq_len)
         variants = [("one run", eager_step_fn(cfg, device, False)),
                     (f"stack of {args.runs}", stacked_step_fn(cfg, device, args.runs, graph=False)[0])]  # fmt: skip
+        if device.type == "cuda":  # inductor's fused kernels, which the launcher's compile switch replays in a graph
+            step = stacked_step_fn(cfg, device, args.runs, graph=False, compiled=True)[0]
+            variants.append((f"stack of {args.runs}, compiled", step))
         for name, step in variants:
             rows, total, count = table(profile_steps(step, device), device, args.top)
             lines += [f"## {attention}, {name}: {total:.3f} ms in {count:.0f} kernels per step", "",

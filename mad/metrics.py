@@ -43,21 +43,6 @@ class BatchScores:
     num_sequences: int
 
 
-def score_batch(logits: torch.Tensor, targets: torch.Tensor) -> BatchScores:
-    """`logits [B, T, V]` (any float dtype), `targets [B, T]` -> the batch's scores (computed in float32)."""
-    logits = logits.float()
-    loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    preds = logits.argmax(dim=-1)
-    scored = targets != IGNORE_INDEX
-    return BatchScores(
-        loss_sum=loss_sum.item(),
-        num_scored=int(scored.sum()),
-        num_correct=int((preds == targets)[scored].sum()),
-        macro_accuracy=macro_accuracy(preds, targets, logits.shape[-1]),
-        num_sequences=targets.shape[0],
-    )
-
-
 @dataclass
 class EpochScores:
     loss: float  # mean cross entropy per scored token
@@ -79,3 +64,47 @@ def combine_batches(batches: list[BatchScores]) -> EpochScores:
         accuracy=float((weights * batch_acc).sum() / weights.sum()),
         token_accuracy=sum(b.num_correct for b in scored) / total_scored,
     )
+
+
+def score_runs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One test batch scored for N runs at once, on the logits' device, without a host sync.
+
+    `logits [N, B, T, V]` (any float dtype; computed in float32), `targets [B, T]` shared by the runs -> `[N, 4]`
+    float64: per run the summed cross entropy over scored positions, the number of scored positions, the number
+    predicted correctly, and the macro accuracy (`macro_accuracy`; NaN when no position is scored).
+    """
+    N, V = logits.shape[0], logits.shape[-1]
+    logits = logits.float()
+    scored = targets != IGNORE_INDEX  # [B, T]
+    per_token = F.cross_entropy(logits.flatten(0, 2), targets.expand(N, *targets.shape).flatten(),
+                                ignore_index=IGNORE_INDEX, reduction="none")  # fmt: skip
+    loss_sum = per_token.view(N, -1).sum(1, dtype=torch.float64)
+    preds = logits.argmax(dim=-1)  # [N, B, T]
+    correct = ((preds == targets) & scored).flatten(1).double()  # [N, B*T]
+    weight = scored.flatten().double()  # [B*T]
+    classes = torch.where(scored, targets, 0).flatten()  # unscored positions weigh 0 wherever they land
+    support = torch.zeros(V, dtype=torch.float64, device=logits.device).index_add_(0, classes, weight)
+    slot = (torch.arange(N, device=logits.device)[:, None] * V + preds.flatten(1)).flatten()  # run n's class c
+    predicted = torch.zeros(N * V, dtype=torch.float64, device=logits.device)
+    predicted = predicted.index_add_(0, slot, weight.repeat(N)).view(N, V)
+    true_pos = torch.zeros(N * V, dtype=torch.float64, device=logits.device).index_add_(0, slot, correct.flatten())
+    present = (support + predicted) > 0  # [N, V]
+    recall = true_pos.view(N, V) / support.clamp(min=1)
+    macro = (recall * present).sum(1) / present.sum(1)  # 0 / 0 = NaN when nothing is scored
+    num_scored = weight.sum().expand(N)
+    return torch.stack([loss_sum, num_scored, correct.sum(1), macro], dim=1)
+
+
+def batch_scores(row: list[float], num_sequences: int) -> BatchScores:
+    """`BatchScores` of one run from its row of `score_runs` (on the host)."""
+    loss_sum, num_scored, num_correct, macro = row
+    return BatchScores(loss_sum=loss_sum, num_scored=int(num_scored), num_correct=int(num_correct),
+                       macro_accuracy=macro, num_sequences=num_sequences)  # fmt: skip
+
+
+def score_epoch(batches: list[torch.Tensor], sizes: list[int]) -> list[EpochScores]:
+    """Per run, the epoch's scores from its `score_runs` rows of every test batch (`sizes`: sequences per batch).
+    One host transfer for the whole epoch."""
+    table = torch.stack(batches).cpu().tolist()  # [batches][N][4]
+    runs = len(table[0])
+    return [combine_batches([batch_scores(rows[n], size) for rows, size in zip(table, sizes)]) for n in range(runs)]

@@ -25,7 +25,7 @@ from torch import nn
 
 from mad.data import Split, test_batches, train_batches
 from mad.diagnostics import model_diagnostics
-from mad.metrics import combine_batches, score_batch
+from mad.metrics import score_epoch, score_runs
 from mad.optim import split_parameters
 from mad.schedules import build_schedules
 from mad.stacked_model import StackedModel
@@ -300,10 +300,10 @@ def evaluate_stacked(stacked: StackedModel, split: Split, cfg: LoopConfig) -> li
     """mad.train.evaluate for every run of the stack: one `Scores` per stack position."""
     stacked.eval()
     n = stacked.num_runs
-    batches: list[list] = [[] for _ in range(n)]
+    batches, sizes = [], []
     for inputs, targets in test_batches(split, cfg.batch_size):
         with autocast(cfg):
             logits = stacked(inputs.expand(n, *inputs.shape))
-        for pos in range(n):
-            batches[pos].append(score_batch(logits[pos], targets))
-    return [combine_batches(b) for b in batches]
+        batches.append(score_runs(logits, targets))
+        sizes.append(targets.shape[0])
+    return score_epoch(batches, sizes)

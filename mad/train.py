@@ -23,7 +23,7 @@ from torch import nn
 
 from mad.data import Split, test_batches, train_batches
 from mad.diagnostics import model_diagnostics
-from mad.metrics import combine_batches, score_batch
+from mad.metrics import score_epoch, score_runs
 from mad.tasks import IGNORE_INDEX
 
 
@@ -162,12 +162,13 @@ def train_step(model: nn.Module, optimizers, inputs: torch.Tensor, targets: torc
 def evaluate(model: nn.Module, split: Split, cfg: LoopConfig):
     """MAD's test scores of `model` on `split` (batches of `cfg.batch_size` sequences)."""
     model.eval()
-    batches = []
+    batches, sizes = [], []
     for inputs, targets in test_batches(split, cfg.batch_size):
         with autocast(cfg):
             logits = model(inputs)
-        batches.append(score_batch(logits, targets))
-    return combine_batches(batches)
+        batches.append(score_runs(logits[None], targets))
+        sizes.append(targets.shape[0])
+    return score_epoch(batches, sizes)[0]
 
 
 def autocast(cfg: LoopConfig, *, cache: bool = True):

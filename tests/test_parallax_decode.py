@@ -355,15 +355,20 @@ def test_triton_interpreter_covers_every_case(interpreter_report):
     assert set(interpreter_report) == expected
 
 
-@pytest.mark.parametrize("case", [c[0] for c in INTERPRET_CASES] + ["strided"])
-def test_triton_decode_matches_the_prefix_reference(interpreter_report, case):
-    rows = {k: v for k, v in interpreter_report.items() if k.startswith(case) and not k.startswith("_")}
+def assert_rows_match(rows: dict, case: str) -> None:
+    """Interpreter-report rows of one case: written, right dtype and shape, within the dtype's tolerance."""
     assert rows
     tol = 2e-3 if "fp16" in case else 1e-5
     for key, row in rows.items():
         assert not row["nan"], key
         assert row["dtype_ok"] and row["shape_ok"], key
         assert row["err"] < tol, (key, row["err"])
+
+
+@pytest.mark.parametrize("case", [c[0] for c in INTERPRET_CASES] + ["strided"])
+def test_triton_decode_matches_the_prefix_reference(interpreter_report, case):
+    rows = {k: v for k, v in interpreter_report.items() if k.startswith(case) and not k.startswith("_")}
+    assert_rows_match(rows, case)
 
 
 @pytest.mark.parametrize("merge", TRITON_MERGES)
@@ -374,12 +379,7 @@ def test_triton_split_merges_match_the_prefix_reference(interpreter_report, merg
     arithmetic and the counter protocol, not the memory ordering (benchmarks/check_parallax_decode.py does that on
     a GPU)."""
     rows = {k: v for k, v in interpreter_report.items() if k.startswith(f"merge_{merge}_{case}/")}
-    assert rows
-    tol = 2e-3 if "fp16" in case else 1e-5
-    for key, row in rows.items():
-        assert not row["nan"], key
-        assert row["dtype_ok"] and row["shape_ok"], key
-        assert row["err"] < tol, (key, row["err"])
+    assert_rows_match(rows, case)
 
 
 def test_triton_atomic_merge_reuses_and_resets_its_counters(interpreter_report):

@@ -107,16 +107,16 @@ def eager_step_fn(cfg, device, compiled: bool):
 def stacked_step_fn(cfg, device, runs: int, graph: bool, seed: int = 0, compiled: bool = False):
     from mad.run import build_model, loop_config
     from mad.stacked_model import StackedModel
-    from mad.stacked_train import StackedRun, StepFunction, StepOptions, build_optimizers
+    from mad.stacked_train import StepFunction, StepOptions, build_optimizers
 
     torch.manual_seed(seed)
     models = [build_model(cfg) for _ in range(runs)]
     stacked = StackedModel(models).to(device)
     opt_cfg = {**cfg.optimizer, "betas": list(cfg.optimizer.betas)}
-    grid = [StackedRun(m, dict(opt_cfg, lr=1e-4 * (1 + i), weight_decay=0.1 * (i % 2))) for i, m in enumerate(models)]
+    grid = [dict(opt_cfg, lr=1e-4 * (1 + i), weight_decay=0.1 * (i % 2)) for i in range(runs)]
     optimizers = build_optimizers(stacked, models[0].to(device), grid)
     step = StepFunction(stacked, optimizers, loop_config(cfg, device), StepOptions(cuda_graph=graph, compile=compiled))
-    inputs, targets = make_batch(cfg, device)
+    inputs, targets = (x.expand(runs, *x.shape) for x in make_batch(cfg, device))
     return (lambda: step(inputs, targets)), stacked
 
 

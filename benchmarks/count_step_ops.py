@@ -49,7 +49,6 @@ def main(argv=None) -> int:
     from mad.optim import build_optimizers
     from mad.run import build_model
     from mad.stacked_model import StackedModel
-    from mad.stacked_train import StackedRun
     from mad.stacked_train import build_optimizers as build_stacked
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -74,7 +73,7 @@ def main(argv=None) -> int:
                     opt.step()
 
         stacked = StackedModel(models)
-        optimizers = build_stacked(stacked, models[0], [StackedRun(m, opt_cfg) for m in models])
+        optimizers = build_stacked(stacked, models[0], [opt_cfg] * len(models))
         for q in stacked.stacked:
             q.grad = torch.randn_like(q)
 

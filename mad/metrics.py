@@ -69,30 +69,33 @@ def combine_batches(batches: list[BatchScores]) -> EpochScores:
 def score_runs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """One test batch scored for N runs at once, on the logits' device, without a host sync.
 
-    `logits [N, B, T, V]` (any float dtype; computed in float32), `targets [B, T]` shared by the runs -> `[N, 4]`
+    `logits [N, B, T, V]` (any float dtype; computed in float32), `targets [N, B, T]` (each run's own) -> `[N, 4]`
     float64: per run the summed cross entropy over scored positions, the number of scored positions, the number
     predicted correctly, and the macro accuracy (`macro_accuracy`; NaN when no position is scored).
     """
     N, V = logits.shape[0], logits.shape[-1]
     logits = logits.float()
-    scored = targets != IGNORE_INDEX  # [B, T]
-    per_token = F.cross_entropy(logits.flatten(0, 2), targets.expand(N, *targets.shape).flatten(),
-                                ignore_index=IGNORE_INDEX, reduction="none")  # fmt: skip
+    per_token = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     loss_sum = per_token.view(N, -1).sum(1, dtype=torch.float64)
     preds = logits.argmax(dim=-1)  # [N, B, T]
-    correct = ((preds == targets) & scored).flatten(1).double()  # [N, B*T]
-    weight = scored.flatten().double()  # [B*T]
-    classes = torch.where(scored, targets, 0).flatten()  # unscored positions weigh 0 wherever they land
-    support = torch.zeros(V, dtype=torch.float64, device=logits.device).index_add_(0, classes, weight)
-    slot = (torch.arange(N, device=logits.device)[:, None] * V + preds.flatten(1)).flatten()  # run n's class c
-    predicted = torch.zeros(N * V, dtype=torch.float64, device=logits.device)
-    predicted = predicted.index_add_(0, slot, weight.repeat(N)).view(N, V)
-    true_pos = torch.zeros(N * V, dtype=torch.float64, device=logits.device).index_add_(0, slot, correct.flatten())
-    present = (support + predicted) > 0  # [N, V]
-    recall = true_pos.view(N, V) / support.clamp(min=1)
+    scored = targets != IGNORE_INDEX
+    weight = scored.flatten().double()  # [N*B*T]
+    correct = ((preds == targets) & scored).flatten().double()
+    run = torch.arange(N, device=logits.device).repeat_interleave(scored[0].numel()) * V  # each position's run
+    true_class = run + torch.where(scored, targets, 0).flatten()  # unscored positions weigh 0 wherever they land
+    predicted_class = run + preds.flatten()
+
+    def per_class(slots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(N * V, dtype=torch.float64, device=logits.device).index_add_(0, slots, values).view(N, V)
+
+    support = per_class(true_class, weight)
+    predicted = per_class(predicted_class, weight)
+    true_pos = per_class(predicted_class, correct)
+    present = (support + predicted) > 0
+    recall = true_pos / support.clamp(min=1)
     macro = (recall * present).sum(1) / present.sum(1)  # 0 / 0 = NaN when nothing is scored
-    num_scored = weight.sum().expand(N)
-    return torch.stack([loss_sum, num_scored, correct.sum(1), macro], dim=1)
+    counts = torch.stack([weight.view(N, -1).sum(1), correct.view(N, -1).sum(1)], dim=1)
+    return torch.cat([loss_sum[:, None], counts, macro[:, None]], dim=1)
 
 
 def batch_scores(row: list[float], num_sequences: int) -> BatchScores:

@@ -7,7 +7,8 @@ The `stacked` Hydra launcher (hydra_plugins/mad_stacked_launcher) drives this:
 1. `plan_job` runs inside Hydra's job machinery for every job (so each job directory gets its `.hydra/` config as
    with any launcher): it validates the config and skips finished runs exactly as `mad.run` does alone.
 2. `group_plans` puts together runs that differ only in the optimizer's lr and weight decay (the MAD grid of one task
-   setting): same architecture, task setting, seed, schedule, everything else.
+   setting) and in their seed (the optimizer study's seeds): same architecture, task setting, schedule, everything
+   else.
 3. `run_group` trains one group with mad/stacked_train.py and writes each run's record and weights to its own
    directory, in the same format as an alone run (plus `stacked_runs`: how many runs shared the stack).
 
@@ -74,9 +75,11 @@ def stackable(plan: RunPlan) -> bool:
 
 
 def group_key(plan: RunPlan) -> str:
-    """Runs with equal keys can share a stack: everything but the optimizer's lr and weight decay is equal."""
+    """Runs with equal keys can share a stack: everything but the optimizer's lr and weight decay and the seed is
+    equal (a stack gives each run its own data and order, mad/stacked_train.py)."""
     identity = run_identity(plan.resolved)
     identity["optimizer"] = shared_optimizer_settings(identity["optimizer"])
+    identity.pop("seed")
     return json.dumps(identity, sort_keys=True, default=str)
 
 
@@ -103,17 +106,21 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
     if len(plans) == 1 and not stackable(plans[0]):
         return [_run_alone(plans[0], device)]
     first = plans[0]
-    runs, records = [], []
+    models, records = [], []
     for plan in plans:
-        model = initial_model(plan.cfg, plan.resolved)
-        runs.append(StackedRun(model, plan.resolved["optimizer"]))
-        record = record_header(plan.cfg, plan.resolved, model, device, attention=plan.attention, repo=plan.repo)
+        models.append(initial_model(plan.cfg, plan.resolved))
+        record = record_header(plan.cfg, plan.resolved, models[-1], device, attention=plan.attention, repo=plan.repo)
         records.append(record | {"stacked_runs": len(plans)})
     started = time.perf_counter()
     try:
-        train_split, test_split = load_splits(first.cfg, first.resolved)
-        outcomes = train_stacked(runs, first.resolved["train"]["schedule"], train_split, test_split,
-                                 loop_config(first.cfg, device), options=options.for_device(device))  # fmt: skip
+        splits = {}  # one (train, test) pair per seed: runs of one seed share it without copies
+        for plan in plans:
+            if plan.cfg.seed not in splits:
+                splits[plan.cfg.seed] = load_splits(plan.cfg, plan.resolved)
+        runs = [StackedRun(model, plan.resolved["optimizer"], *splits[plan.cfg.seed], seed=plan.cfg.seed)
+                for model, plan in zip(models, plans)]  # fmt: skip
+        outcomes = train_stacked(runs, first.resolved["train"]["schedule"], loop_config(first.cfg, device),
+                                 options=options.for_device(device))  # fmt: skip
     except Exception as e:
         for plan, record in zip(plans, records):
             fail_record(record, e, plan.run_dir, time.perf_counter() - started)

@@ -1,11 +1,11 @@
 """The training loop of several MAD runs at once (mad/train.py's loop, for N runs sharing every kernel launch).
 
-The runs of a group differ only in their optimizer's learning rate and weight decay (the MAD grid of one task
-setting): they share the architecture, the data (same task setting and seed, so the same batches in the same order)
-and every other setting. Each run keeps its own optimizer state, schedule, early stopping, divergence check,
-best-epoch selection and final weights, so its `TrainResult` is the one `mad.train.train` gives for it alone (up to
-floating-point reordering; tests/test_stacked_training.py). A run that stops (early stop, divergence, last epoch) is
-dropped from the stack, so the others go on without carrying it.
+The runs of a group share the architecture, the task setting and every other setting; they may differ in their
+optimizer's learning rate and weight decay (the MAD grid of one task setting) and in their seed (which draws their
+initial weights, their data and its order: the seeds of the optimizer study). Each run keeps its own optimizer
+state, schedule, early stopping, divergence check, best-epoch selection and final weights, so its `TrainResult` is
+the one `mad.train.train` gives for it alone (up to floating-point reordering; tests/test_stacked_training.py). A run
+that stops (early stop, divergence, last epoch) is dropped from the stack, so the others go on without carrying it.
 
 On CUDA the whole training step (forward, backward, optimizer) can be captured in a CUDA graph, and the stack's
 forward (and so its backward) compiled by `torch.compile` (`StepOptions`): a step is then one graph replay of fused
@@ -17,13 +17,14 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mad.data import Split, test_batches, train_batches
+from mad.data import Split
 from mad.diagnostics import model_diagnostics
 from mad.metrics import score_epoch, score_runs
 from mad.optim import split_parameters
@@ -36,10 +37,47 @@ from mad.train import EpochRecord, LoopConfig, TrainResult, autocast, progress_b
 
 @dataclass
 class StackedRun:
-    """One run of a group: its freshly initialised model and its optimizer config (mad/optim.py's dict)."""
+    """One run of a group: its freshly initialised model, its optimizer config (mad/optim.py's dict), its data and
+    the seed that orders its batches (as `LoopConfig.seed` does for a run alone)."""
 
     model: nn.Module
     optimizer: dict
+    train_split: Split
+    test_split: Split
+    seed: int
+
+
+class StackedData:
+    """Every run's train and test data on the device, `[N, n, T]` per split (a view without copies for runs that
+    share one split object), served in batches `[N_active, b, T]` for the runs still in the stack."""
+
+    def __init__(self, runs: list[StackedRun], device: torch.device) -> None:
+        self.train = _stack_splits([r.train_split for r in runs], device)
+        self.test = _stack_splits([r.test_split for r in runs], device)
+        self.orders = [torch.Generator().manual_seed(r.seed) for r in runs]
+        self.device = device
+
+    def train_batches(self, active: list[int], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch: each active run's examples in its own shuffled order (mad.data.train_batches' order for it)."""
+        n = self.train.inputs.shape[1]
+        rows = torch.tensor(active, device=self.device)[:, None]
+        order = torch.stack([torch.randperm(n, generator=self.orders[run]) for run in active]).to(self.device)
+        for start in range(0, n, batch_size):
+            idx = order[:, start : start + batch_size]
+            yield self.train.inputs[rows, idx], self.train.targets[rows, idx]
+
+    def test_batches(self, active: list[int], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The test sets in order (mad.data.test_batches for each active run)."""
+        rows = torch.tensor(active, device=self.device)
+        for start in range(0, self.test.inputs.shape[1], batch_size):
+            yield self.test.inputs[rows, start : start + batch_size], self.test.targets[rows, start : start + batch_size]
+
+
+def _stack_splits(splits: list[Split], device: torch.device) -> Split:
+    """`[N, n, T]` inputs and targets of N runs' splits `[n, T]` on the device."""
+    if all(s is splits[0] for s in splits):
+        return Split(*(x.to(device).expand(len(splits), *x.shape) for x in (splits[0].inputs, splits[0].targets)))
+    return Split(*(torch.stack([getattr(s, f) for s in splits]).to(device) for f in ("inputs", "targets")))
 
 
 @dataclass(frozen=True)
@@ -94,19 +132,23 @@ def shared_optimizer_settings(optimizer: dict) -> dict:
 
 
 def check_group(runs: list[StackedRun]) -> None:
-    """ValueError unless the runs can share one stack: same optimizer except lr and weight decay."""
+    """ValueError unless the runs can share one stack: same optimizer except lr and weight decay, same data shapes."""
     if not runs:
         raise ValueError("a stacked group needs at least one run")
     shared = shared_optimizer_settings(runs[0].optimizer)
     if any(shared_optimizer_settings(r.optimizer) != shared for r in runs[1:]):
         raise ValueError("stacked runs must share every optimizer setting except lr and weight_decay")
+    shapes = {(r.train_split.inputs.shape, r.test_split.inputs.shape) for r in runs}
+    if len(shapes) > 1:
+        raise ValueError(f"stacked runs must have data of one shape (train, test), got {sorted(shapes)}")
 
 
-def build_optimizers(stacked: StackedModel, template: nn.Module, runs: list[StackedRun]) -> list[StackedOptimizer]:
-    """The stacked counterpart of mad.optim.build_optimizers: [AdamW] or [Muon (hidden matrices), AdamW (rest)]."""
-    cfg = runs[0].optimizer
-    lr = torch.tensor([r.optimizer["lr"] for r in runs], dtype=torch.float32)
-    wd = torch.tensor([r.optimizer["weight_decay"] for r in runs], dtype=torch.float32)
+def build_optimizers(stacked: StackedModel, template: nn.Module, configs: list[dict]) -> list[StackedOptimizer]:
+    """The stacked counterpart of mad.optim.build_optimizers, from each run's optimizer config (they differ only in
+    lr and weight decay): [AdamW] or [Muon (hidden matrices), AdamW (rest)]."""
+    cfg = configs[0]
+    lr = torch.tensor([c["lr"] for c in configs], dtype=torch.float32)
+    wd = torch.tensor([c["weight_decay"] for c in configs], dtype=torch.float32)
     params = stacked.named_stacked()
     adamw = dict(betas=tuple(cfg["betas"]), eps=cfg["eps"])
     if cfg["name"] == "adamw":
@@ -121,7 +163,7 @@ def build_optimizers(stacked: StackedModel, template: nn.Module, runs: list[Stac
 
 
 class StepFunction:
-    """One training step of the stack on a batch: `(inputs [b, T], targets [b, T]) -> losses [N]` (detached).
+    """One training step of the stack on a batch: `(inputs [N, b, T], targets [N, b, T]) -> losses [N]` (detached).
 
     Eager by default; with `options.cuda_graph` the step is captured once per stack size and replayed, the batch
     copied into static buffers first (the last, partial batch of an epoch runs eagerly); with `options.compile` the
@@ -137,9 +179,8 @@ class StepFunction:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def eager(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        n = self.stacked.num_runs
         with autocast(self.cfg, cache=False):
-            logits = self.forward(inputs.expand(n, *inputs.shape))
+            logits = self.forward(inputs)
         losses = per_run_loss(logits, targets)
         for opt in self.optimizers:
             opt.zero_grad()
@@ -149,7 +190,7 @@ class StepFunction:
         return losses.detach()
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if not self.cuda_graph or inputs.shape[0] != self.cfg.batch_size:
+        if not self.cuda_graph or inputs.shape[1] != self.cfg.batch_size:
             return self.eager(inputs, targets)
         if self.graph is None:
             self._capture(inputs, targets)
@@ -193,37 +234,34 @@ class StepFunction:
 
 
 def per_run_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy over the scored positions, per run: `logits [N, b, T, V]`, `targets [b, T]` -> `[N]`."""
+    """Mean cross entropy over the scored positions, per run: `logits [N, b, T, V]`, `targets [N, b, T]` -> `[N]`."""
     n = logits.shape[0]
-    flat_targets = targets.flatten().repeat(n)
-    losses = F.cross_entropy(logits.float().flatten(0, 2), flat_targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return losses.view(n, -1).sum(1) / (targets != IGNORE_INDEX).sum()
+    losses = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.view(n, -1).sum(1) / (targets != IGNORE_INDEX).flatten(1).sum(1)
 
 
-def train_stacked(runs: list[StackedRun], schedule: dict, train_split: Split, test_split: Split, cfg: LoopConfig,
-                  *, options: StepOptions = StepOptions()) -> list[StackedOutcome]:  # fmt: skip
+def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *,
+                  options: StepOptions = StepOptions()) -> list[StackedOutcome]:  # fmt: skip
     """Train every run of the group; returns, per run in order, what `mad.train.train` would return for it alone,
-    with its final weights. `cfg.seed` orders the data of all runs (they share it, as they share the data)."""
+    with its final weights. `cfg.seed` is not used: each run's own seed orders its data."""
     check_group(runs)
     device = cfg.device
-    train_split = Split(train_split.inputs.to(device), train_split.targets.to(device))
-    test_split = Split(test_split.inputs.to(device), test_split.targets.to(device))
+    data = StackedData(runs, device)
     scratch = copy.deepcopy(runs[0].model).to(device)  # run n's weights are loaded into it for diagnostics and saving
     results = [TrainResult(status="ok") for _ in runs]
-    probe = test_split.inputs[: cfg.diagnostics_batch] if cfg.diagnostics_batch > 0 else None
-    if probe is not None:
-        for run, result in zip(runs, results):
+    probes = [data.test.inputs[n, : cfg.diagnostics_batch] for n in range(len(runs))] if cfg.diagnostics_batch else None
+    if probes is not None:
+        for run, result, probe in zip(runs, results, probes):
             result.diagnostics = []
             result.initial_diagnostics = model_diagnostics(run.model.to(device), probe)
     stacked = StackedModel([r.model for r in runs]).to(device)
-    optimizers = build_optimizers(stacked, scratch, runs)
+    optimizers = build_optimizers(stacked, scratch, [r.optimizer for r in runs])
     shadows = [ScheduleShadow(r.optimizer["lr"], r.optimizer["weight_decay"], len(optimizers), schedule, cfg.epochs)
                for r in runs]  # fmt: skip
     step = StepFunction(stacked, optimizers, cfg, options)
     active = list(range(len(runs)))  # the run index at each stack position
     outcomes: dict[int, StackedOutcome] = {}
-    order = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(train_split.inputs.shape[0] / cfg.batch_size)
+    steps_per_epoch = math.ceil(data.train.inputs.shape[1] / cfg.batch_size)
     with progress_bar(cfg.progress) as bar:
         task = bar.add_task("training", total=cfg.epochs * steps_per_epoch, stats="")
         for epoch in range(1, cfg.epochs + 1):
@@ -231,20 +269,20 @@ def train_stacked(runs: list[StackedRun], schedule: dict, train_split: Split, te
             lrs = _apply_schedules(optimizers, [shadows[i] for i in active])
             stacked.train()
             losses = []
-            for inputs, targets in train_batches(train_split, cfg.batch_size, order):
+            for inputs, targets in data.train_batches(active, cfg.batch_size):
                 losses.append(step(inputs, targets))
                 bar.advance(task)
             losses = torch.stack(losses).float().cpu()  # [steps, N]
             train_seconds = time.perf_counter() - started
-            scores = evaluate_stacked(stacked, test_split, cfg)
+            scores = evaluate_stacked(stacked, data, active, cfg)
             finished = []
             for pos, run in enumerate(active):
                 result = results[run]
                 result.train_seconds += train_seconds
-                result.train_tokens += train_split.inputs.numel()
+                result.train_tokens += data.train.inputs[run].numel()
                 record = _close_epoch(result, epoch, lrs[pos], losses[:, pos], scores[pos], started, cfg)
-                if record is not None and probe is not None:
-                    result.diagnostics.append(model_diagnostics(stacked.load_into(pos, scratch), probe))
+                if record is not None and probes is not None:
+                    result.diagnostics.append(model_diagnostics(stacked.load_into(pos, scratch), probes[run]))
                 if result.status != "ok" or result.early_stopped or epoch == cfg.epochs:
                     finished.append(pos)
             for run in active:
@@ -296,14 +334,13 @@ def _weights(stacked: StackedModel, pos: int, scratch: nn.Module) -> dict[str, t
 
 
 @torch.no_grad()
-def evaluate_stacked(stacked: StackedModel, split: Split, cfg: LoopConfig) -> list:
-    """mad.train.evaluate for every run of the stack: one `Scores` per stack position."""
+def evaluate_stacked(stacked: StackedModel, data: StackedData, active: list[int], cfg: LoopConfig) -> list:
+    """mad.train.evaluate for every run of the stack, each on its own test set: one `EpochScores` per position."""
     stacked.eval()
-    n = stacked.num_runs
     batches, sizes = [], []
-    for inputs, targets in test_batches(split, cfg.batch_size):
+    for inputs, targets in data.test_batches(active, cfg.batch_size):
         with autocast(cfg):
-            logits = stacked(inputs.expand(n, *inputs.shape))
+            logits = stacked(inputs)
         batches.append(score_runs(logits, targets))
-        sizes.append(targets.shape[0])
+        sizes.append(targets.shape[1])
     return score_epoch(batches, sizes)

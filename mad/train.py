@@ -166,7 +166,7 @@ def evaluate(model: nn.Module, split: Split, cfg: LoopConfig):
     for inputs, targets in test_batches(split, cfg.batch_size):
         with autocast(cfg):
             logits = model(inputs)
-        batches.append(score_runs(logits[None], targets))
+        batches.append(score_runs(logits[None], targets[None]))
         sizes.append(targets.shape[0])
     return score_epoch(batches, sizes)[0]
 

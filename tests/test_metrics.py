@@ -20,7 +20,7 @@ def test_macro_accuracy_skips_ignored_positions_and_differs_from_micro():
     # class 3: 2/3; class 5: 1/2; classes 4 and 2 predicted only: 0 -> (2/3 + 1/2) / 4
     assert math.isclose(macro_accuracy(preds, targets, num_classes=10), (2 / 3 + 1 / 2) / 4)
     logits = torch.nn.functional.one_hot(preds, 10).float()
-    _, num_scored, num_correct, macro = score_runs(logits[None], targets)[0].tolist()
+    _, num_scored, num_correct, macro = score_runs(logits[None], targets[None])[0].tolist()
     assert (num_correct, num_scored) == (3, 5)  # micro 0.6
     assert math.isclose(macro, (2 / 3 + 1 / 2) / 4)
 
@@ -40,24 +40,24 @@ def test_epoch_scores_weight_batches_by_size_and_perplexity_per_batch():
 
 
 def test_scoring_runs_at_once_matches_scoring_each_alone():
-    """score_runs on N runs gives each run what the definitions give it alone: summed cross entropy, counts, and
-    macro_accuracy (the torchmetrics-equivalent definition above), including a batch with nothing scored."""
+    """score_runs on N runs, each with its own targets, gives each run what the definitions give it alone: summed
+    cross entropy, counts and macro_accuracy (the torchmetrics-equivalent definition above); NaN with nothing scored."""
     gen = torch.Generator().manual_seed(0)
     N, B, T, V = 3, 4, 6, 7
     logits = torch.randn(N, B, T, V, generator=gen)
-    targets = torch.randint(0, V, (B, T), generator=gen)
-    targets[:, :2] = IGN
+    targets = torch.randint(0, V, (N, B, T), generator=gen)
+    targets[:, :, :2] = IGN
     targets[1, 3] = IGN
+    targets[2, 0, 4] = IGN
     rows = score_runs(logits, targets)
-    scored = targets != IGN
     for n in range(N):
-        preds = logits[n].argmax(-1)
-        loss = torch.nn.functional.cross_entropy(logits[n].flatten(0, 1), targets.flatten(), ignore_index=IGN,
+        preds, scored = logits[n].argmax(-1), targets[n] != IGN
+        loss = torch.nn.functional.cross_entropy(logits[n].flatten(0, 1), targets[n].flatten(), ignore_index=IGN,
                                                  reduction="sum")  # fmt: skip
-        expected = [loss.item(), scored.sum().item(), ((preds == targets) & scored).sum().item(),
-                    macro_accuracy(preds, targets, V)]  # fmt: skip
+        expected = [loss.item(), scored.sum().item(), ((preds == targets[n]) & scored).sum().item(),
+                    macro_accuracy(preds, targets[n], V)]  # fmt: skip
         assert torch.allclose(rows[n], torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
-    nothing = score_runs(logits, torch.full((B, T), IGN))
+    nothing = score_runs(logits, torch.full((N, B, T), IGN))
     assert torch.isnan(nothing[:, 3]).all() and (nothing[:, :3] == 0).all()
 
 

@@ -1,6 +1,7 @@
 """Several runs trained as one stack (mad/stacked_*.py, the `stacked` launcher) give the records of the same runs
 trained alone, up to floating-point reordering."""
 
+import dataclasses
 import json
 import math
 
@@ -88,23 +89,28 @@ def test_stacked_runs_give_the_records_of_alone_runs(attention, optimizer):
                       "task.num_test_examples=128")  # fmt: skip
     resolved = OmegaConf.to_container(cfg, resolve=True)
     setting = task_setting(resolved["task"])
-    splits = [load_split(cfg.task.name, s, n, cfg.seed, setting, None) for s, n in (("train", 256), ("test", 128))]
+    # The lr x wd grid on one seed, and one more run on another seed: its own weights, data and order in the stack.
+    runs_spec = [(lr, wd, cfg.seed) for lr, wd in GRID] + [(GRID[1][0], GRID[1][1], cfg.seed + 1)]
+    splits = {seed: [load_split(cfg.task.name, s, n, seed, setting, None) for s, n in (("train", 256), ("test", 128))]
+              for seed in (cfg.seed, cfg.seed + 1)}  # fmt: skip
     # Early stopping between the learners' accuracies after epoch 2, so that the stack shrinks mid-training.
     loop = LoopConfig(epochs=3, batch_size=64, early_stop_accuracy=0.2, seed=cfg.seed, device=torch.device("cpu"),
                       autocast_dtype=None, progress=False, diagnostics_batch=8)  # fmt: skip
     schedule = resolved["train"]["schedule"]
 
-    def fresh_model():
-        torch.manual_seed(cfg.seed)
+    def fresh_model(seed):
+        torch.manual_seed(seed)
         return build_model(cfg)
 
     alone = []
-    for lr, wd in GRID:
-        model = fresh_model()
+    for lr, wd, seed in runs_spec:
+        model = fresh_model(seed)
         optimizers = build_optimizers(model, dict(resolved["optimizer"], lr=lr, weight_decay=wd))
-        alone.append(train(model, optimizers, build_schedules(optimizers, schedule, epochs=3), *splits, loop))
-    runs = [StackedRun(fresh_model(), dict(resolved["optimizer"], lr=lr, weight_decay=wd)) for lr, wd in GRID]
-    stacked = [outcome.result for outcome in train_stacked(runs, schedule, *splits, loop)]
+        schedules = build_schedules(optimizers, schedule, epochs=3)
+        alone.append(train(model, optimizers, schedules, *splits[seed], dataclasses.replace(loop, seed=seed)))
+    runs = [StackedRun(fresh_model(seed), dict(resolved["optimizer"], lr=lr, weight_decay=wd), *splits[seed], seed=seed)
+            for lr, wd, seed in runs_spec]  # fmt: skip
+    stacked = [outcome.result for outcome in train_stacked(runs, schedule, loop)]
     assert sorted({len(r.epochs) for r in alone}) != [3], "the grid should stop some runs early (test setup)"
     for a, b in zip(alone, stacked):
         assert (a.status, a.steps, a.early_stopped, len(a.epochs)) == (b.status, b.steps, b.early_stopped, len(b.epochs))
@@ -127,14 +133,15 @@ def _plan(**changes):
     return RunPlan(cfg=None, resolved=resolved, run_dir=REPO / "x", attention="softmax", repo=REPO)
 
 
-def test_runs_group_by_everything_but_lr_and_weight_decay():
+def test_runs_group_by_everything_but_lr_weight_decay_and_seed():
     grid = [_plan(optimizer__lr=lr, optimizer__weight_decay=wd) for lr in (1e-4, 1e-3) for wd in (0.0, 0.1)]
-    other_seed = _plan(seed=2)
+    other_seed = _plan(seed=2)  # a stack gives each run its own data and order
     launch_only = _plan(launch={"device": "cuda:1"})  # where a run trains does not change what it computes
+    other_task = _plan(task={"name": "selective_copying"})
     fla = _plan(attention={"_target_": "models.attention.gla.GatedLinearAttention"})
-    groups = group_plans([*grid, other_seed, launch_only, fla])
-    assert [len(g) for g in groups] == [5, 1, 1]
-    assert groups[0][:4] == grid and groups[0][4] is launch_only and groups[1] == [other_seed] and groups[2] == [fla]
+    groups = group_plans([*grid, other_seed, launch_only, other_task, fla])
+    assert [len(g) for g in groups] == [6, 1, 1]
+    assert groups[0] == [*grid, other_seed, launch_only] and groups[1] == [other_task] and groups[2] == [fla]
     assert [len(g) for g in group_plans(grid, max_group=3)] == [3, 1]
 
 
@@ -156,13 +163,13 @@ def test_launcher_spreads_workers_over_the_devices():
 
 def test_stacked_launcher_sweep_writes_alone_format_records_and_resumes(cli, tmp_path):
     args = ["-m", "profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
-            "task.seq_len=16", "train.epochs=1", "attention=softmax", "optimizer.lr=1e-3,5e-3",
-            "optimizer.weight_decay=0.0,0.1", "hydra/launcher=stacked", "hydra.sweep.dir=sweep"]  # fmt: skip
+            "task.seq_len=16", "train.epochs=1", "attention=softmax", "optimizer.lr=1e-3,5e-3", "seed=1,2",
+            "hydra/launcher=stacked", "hydra.sweep.dir=sweep"]  # fmt: skip
     proc = cli(args)
     assert proc.returncode == 0, proc.stderr
     records = records_under(tmp_path / "sweep")
     assert len(records) == 4 and {r["status"] for r in records} == {"ok"} and {r["stacked_runs"] for r in records} == {4}
-    assert sorted((r["lr"], r["weight_decay"]) for r in records) == [(1e-3, 0.0), (1e-3, 0.1), (5e-3, 0.0), (5e-3, 0.1)]
+    assert sorted((r["lr"], r["seed"]) for r in records) == [(1e-3, 1), (1e-3, 2), (5e-3, 1), (5e-3, 2)]
     assert all((p.parent / ".hydra" / "config.yaml").exists() for p in (tmp_path / "sweep").rglob("result.json"))
     again = cli(args)
     assert again.returncode == 0 and "4 runs: 4 already finished" in again.stdout
@@ -182,7 +189,6 @@ def test_stacked_launcher_reports_bad_configs_before_training(cli, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; "
                     "benchmarks/bench_throughput.py checks graph == eager on the GPU before timing")
 def test_graph_captured_step_matches_the_eager_step():
-
     cfg = compose_cfg("attention=softmax")
     device = torch.device("cuda")
     loop = LoopConfig(epochs=1, batch_size=8, early_stop_accuracy=1.0, seed=0, device=device, autocast_dtype=None,
@@ -196,7 +202,7 @@ def test_graph_captured_step_matches_the_eager_step():
         step = StepFunction(stacked, [opt], loop, StepOptions(cuda_graph=graph))
         gen = torch.Generator().manual_seed(0)
         for _ in range(4):
-            tokens = torch.randint(0, 16, (8, 12), generator=gen).to(device)
+            tokens = torch.randint(0, 16, (2, 8, 12), generator=gen).to(device)  # [runs, b, T]
             step(tokens, tokens)
         states.append([p.detach().clone() for p in stacked.stacked])
     for eager, graphed in zip(*states):
@@ -309,25 +315,25 @@ def test_compiled_step_survives_the_stack_shrinking():
     of the old stack size once broke the retrace."""
     cfg = compose_cfg("attention=parallax", "task.seq_len=16", "train.batch_size=4")
     loop = loop_config(cfg, torch.device("cpu"))
-    tokens = torch.randint(0, 16, (4, 15), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 16, (3, 4, 15), generator=torch.Generator().manual_seed(0))  # [runs, b, T]
     losses = []
     for compiled in (False, True):
         torch.manual_seed(0)
         models = [build_model(cfg) for _ in range(3)]
         stacked = StackedModel(models)
         opt_cfg = {**cfg.optimizer, "betas": list(cfg.optimizer.betas)}
-        runs = [StackedRun(m, dict(opt_cfg, lr=1e-3 * (i + 1), weight_decay=0.1)) for i, m in enumerate(models)]
-        optimizers = stacked_optimizers(stacked, models[0], runs)
+        configs = [dict(opt_cfg, lr=1e-3 * (i + 1), weight_decay=0.1) for i in range(3)]
+        optimizers = stacked_optimizers(stacked, models[0], configs)
         step = StepFunction(stacked, optimizers, loop)
         if compiled:
             step.forward = torch.compile(stacked, backend="aot_eager")
         seen = []
         for size in (3, 2):
-            seen += [step(tokens, tokens) for _ in range(2)]
+            seen += [step(tokens[:size], tokens[:size]) for _ in range(2)]
             keep = torch.arange(size - 1)  # the last run leaves the stack
             stacked.select(keep)
             for opt in optimizers:
                 opt.select(keep)
-        seen += [step(tokens, tokens) for _ in range(2)]  # one run left
+        seen += [step(tokens[:1], tokens[:1]) for _ in range(2)]  # one run left
         losses.append(torch.cat(seen))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@
 # after SECONDS the sweep gets SIGINT (a run stopped mid-training leaves no record and is redone next time); then
 # $OUT/records.tar.gz receives every finished record under SWEEP_DIR, the old ones included.
 set -uo pipefail
+: "${OUT:?set OUT to the folder that receives records.tar.gz}"
 archive=$1 seconds=$2 sweep=$3
 shift 3
 if [ -f "$archive" ]; then python3 -m mad.archive unpack "$archive" -C "$sweep" || exit 1; fi

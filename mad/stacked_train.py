@@ -48,19 +48,28 @@ class StackedRun:
 
 
 class StackedData:
-    """Every run's train and test data on the device, `[N, n, T]` per split (a view without copies for runs that
-    share one split object), served in batches `[N_active, b, T]` for the runs still in the stack."""
+    """Every distinct train and test split of a stack's runs on the device, `[S, n, T]` (runs of one seed share one
+    split object, so S is the number of seeds), served in batches `[N_active, b, T]` for the runs still in the stack,
+    each in its own order."""
 
     def __init__(self, runs: list[StackedRun], device: torch.device) -> None:
-        self.train = _stack_splits([r.train_split for r in runs], device)
-        self.test = _stack_splits([r.test_split for r in runs], device)
+        def key(run: StackedRun) -> tuple[int, int]:
+            return id(run.train_split), id(run.test_split)
+
+        distinct = {}  # (train, test) pair -> the first run that has it, in order
+        for run in runs:
+            distinct.setdefault(key(run), run)
+        index = {k: i for i, k in enumerate(distinct)}
+        self.split_of = torch.tensor([index[key(r)] for r in runs], device=device)  # run -> row of its splits
+        self.train = _stack_splits([r.train_split for r in distinct.values()], device)
+        self.test = _stack_splits([r.test_split for r in distinct.values()], device)
         self.orders = [torch.Generator().manual_seed(r.seed) for r in runs]
         self.device = device
 
     def train_batches(self, active: list[int], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch: each active run's examples in its own shuffled order (mad.data.train_batches' order for it)."""
         n = self.train.inputs.shape[1]
-        rows = torch.tensor(active, device=self.device)[:, None]
+        rows = self.split_of[active][:, None]
         order = torch.stack([torch.randperm(n, generator=self.orders[run]) for run in active]).to(self.device)
         for start in range(0, n, batch_size):
             idx = order[:, start : start + batch_size]
@@ -68,15 +77,17 @@ class StackedData:
 
     def test_batches(self, active: list[int], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The test sets in order (mad.data.test_batches for each active run)."""
-        rows = torch.tensor(active, device=self.device)
+        rows = self.split_of[active]
         for start in range(0, self.test.inputs.shape[1], batch_size):
             yield self.test.inputs[rows, start : start + batch_size], self.test.targets[rows, start : start + batch_size]
 
+    def test_inputs(self, run: int) -> torch.Tensor:
+        """Run `run`'s test inputs `[n, T]`."""
+        return self.test.inputs[self.split_of[run]]
+
 
 def _stack_splits(splits: list[Split], device: torch.device) -> Split:
-    """`[N, n, T]` inputs and targets of N runs' splits `[n, T]` on the device."""
-    if all(s is splits[0] for s in splits):
-        return Split(*(x.to(device).expand(len(splits), *x.shape) for x in (splits[0].inputs, splits[0].targets)))
+    """`[S, n, T]` inputs and targets of S splits `[n, T]`, on the device."""
     return Split(*(torch.stack([getattr(s, f) for s in splits]).to(device) for f in ("inputs", "targets")))
 
 
@@ -249,7 +260,7 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *,
     data = StackedData(runs, device)
     scratch = copy.deepcopy(runs[0].model).to(device)  # run n's weights are loaded into it for diagnostics and saving
     results = [TrainResult(status="ok") for _ in runs]
-    probes = [data.test.inputs[n, : cfg.diagnostics_batch] for n in range(len(runs))] if cfg.diagnostics_batch else None
+    probes = [data.test_inputs(n)[: cfg.diagnostics_batch] for n in range(len(runs))] if cfg.diagnostics_batch else None
     if probes is not None:
         for run, result, probe in zip(runs, results, probes):
             result.diagnostics = []
@@ -279,7 +290,7 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *,
             for pos, run in enumerate(active):
                 result = results[run]
                 result.train_seconds += train_seconds
-                result.train_tokens += data.train.inputs[run].numel()
+                result.train_tokens += data.train.inputs[0].numel()  # every run's split has one shape
                 record = _close_epoch(result, epoch, lrs[pos], losses[:, pos], scores[pos], started, cfg)
                 if record is not None and probes is not None:
                     result.diagnostics.append(model_diagnostics(stacked.load_into(pos, scratch), probes[run]))

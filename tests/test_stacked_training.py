@@ -12,14 +12,15 @@ from omegaconf import OmegaConf
 
 from hydra_plugins.mad_stacked_launcher.stacked_launcher import check_devices, resolve_devices, worker_slots
 from mad.config_checks import task_setting
-from mad.data import load_split
+from mad import data as mad_data
+from mad.data import Split, load_split
 from mad.optim import build_optimizers
 from mad.run import build_model, loop_config
 from mad.schedules import build_schedules
 from mad.stacked_model import StackedModel
 from mad.stacked_optim import StackedAdamW, StackedMuon
 from mad.stacked_run import RunPlan, group_plans
-from mad.stacked_train import StackedRun, StepFunction, StepOptions, train_stacked
+from mad.stacked_train import StackedData, StackedRun, StepFunction, StepOptions, train_stacked
 from mad.stacked_train import build_optimizers as stacked_optimizers
 from mad.train import LoopConfig, train
 from tests.conftest import REPO, records_under
@@ -337,3 +338,30 @@ def test_compiled_step_survives_the_stack_shrinking():
         seen += [step(tokens[:1], tokens[:1]) for _ in range(2)]  # one run left
         losses.append(torch.cat(seen))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_data_serves_each_run_its_own_batches():
+    """Each active run gets the train batches mad.data.train_batches gives it alone (its split, its seed's order,
+    the partial last batch) and its own test batches, while runs leave; runs of one seed share one stored split."""
+    def split(seed, n):
+        gen = torch.Generator().manual_seed(seed)
+        return Split(torch.randint(0, 9, (n, 5), generator=gen), torch.randint(-1, 9, (n, 5), generator=gen))
+
+    pairs = {seed: (split(seed, 23), split(seed + 100, 13)) for seed in (3, 7)}
+    runs = [StackedRun(None, {}, *pairs[seed], seed=seed) for seed in (3, 3, 7, 7, 3)]
+    data = StackedData(runs, torch.device("cpu"))
+    assert data.train.inputs.shape[0] == 2  # two seeds, two stored splits
+    alone = [torch.Generator().manual_seed(r.seed) for r in runs]
+    active = list(range(len(runs)))
+    for _ in range(3):
+        want = {run: list(mad_data.train_batches(runs[run].train_split, 4, alone[run])) for run in active}
+        got = list(data.train_batches(active, 4))
+        assert len(got) == 6 and got[-1][0].shape == (len(active), 3, 5)
+        for i, (x, y) in enumerate(got):
+            for pos, run in enumerate(active):
+                assert torch.equal(x[pos], want[run][i][0]) and torch.equal(y[pos], want[run][i][1])
+        for i, (x, y) in enumerate(data.test_batches(active, 4)):
+            for pos, run in enumerate(active):
+                expected = list(mad_data.test_batches(runs[run].test_split, 4))[i]
+                assert torch.equal(x[pos], expected[0]) and torch.equal(y[pos], expected[1])
+        active = active[1:]  # a run leaves the stack; the others keep their own order

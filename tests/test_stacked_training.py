@@ -90,8 +90,11 @@ def test_stacked_runs_give_the_records_of_alone_runs(attention, optimizer):
                       "task.num_test_examples=128")  # fmt: skip
     resolved = OmegaConf.to_container(cfg, resolve=True)
     setting = task_setting(resolved["task"])
-    # The lr x wd grid on one seed, and one more run on another seed: its own weights, data and order in the stack.
-    runs_spec = [(lr, wd, cfg.seed) for lr, wd in GRID] + [(GRID[1][0], GRID[1][1], cfg.seed + 1)]
+    # The lr x wd grid on one seed, and (once: the data path is the same for every model) one more run on another
+    # seed: its own weights, data and order in the stack.
+    runs_spec = [(lr, wd, cfg.seed) for lr, wd in GRID]
+    if attention == "parallax":
+        runs_spec.append((GRID[1][0], GRID[1][1], cfg.seed + 1))
     splits = {seed: [load_split(cfg.task.name, s, n, seed, setting, None) for s, n in (("train", 256), ("test", 128))]
               for seed in (cfg.seed, cfg.seed + 1)}  # fmt: skip
     # Early stopping between the learners' accuracies after epoch 2, so that the stack shrinks mid-training.

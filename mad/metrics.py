@@ -18,7 +18,8 @@ from mad.tasks import IGNORE_INDEX
 def macro_accuracy(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> float:
     """Macro accuracy of one batch. `preds`, `targets` int64 of one shape; positions with target -100 are skipped.
 
-    Returns NaN when the batch has no scored position.
+    Returns NaN when the batch has no scored position. The readable definition: training scores through
+    `score_runs`, which computes the same for N runs without host syncs, and tests/test_metrics.py holds the two equal.
     """
     scored = targets != IGNORE_INDEX
     t, p = targets[scored], preds[scored]

@@ -87,10 +87,12 @@ def test_reference_impl_without_seqlens_is_reference_attention():
 
 def test_auto_on_hopper_takes_the_kernel_measured_faster():
     # analysis/kernels/parallax_decode_bench.md: Triton at B*H <= 256 query rows, CuTeDSL above; Triton for GQA
-    # groups the CuTeDSL tile cannot hold.
-    assert hopper_kernel(1, 8, 1) == "triton" and hopper_kernel(32, 8, 1) == "triton"
-    assert hopper_kernel(32, 16, 1) == "cute" and hopper_kernel(2048, 8, 1) == "cute"
-    assert hopper_kernel(2048, 16, 16) == "triton"
+    # groups the CuTeDSL tile cannot hold; CuTeDSL where Triton's split would leave several programs two tiles each.
+    assert hopper_kernel(1, 8, 1, 2048) == "triton" and hopper_kernel(32, 8, 1, 128) == "triton"  # 32 x 1 tile; 1 x 2
+    assert hopper_kernel(1, 16, 1, 2048) == "cute" and hopper_kernel(8, 8, 1, 512) == "cute"  # 16 x 2; 4 x 2 tiles
+    assert hopper_kernel(1, 16, 1, 8192) == "triton" and hopper_kernel(1, 16, 2, 2048) == "triton"  # 16 x 8; 32 x 1
+    assert hopper_kernel(32, 16, 1, 128) == "cute" and hopper_kernel(2048, 8, 1, 128) == "cute"
+    assert hopper_kernel(2048, 16, 16, 128) == "triton"
 
 
 def test_auto_on_cpu_is_the_reference():

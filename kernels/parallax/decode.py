@@ -38,8 +38,9 @@ are safe, concurrent calls on two streams of one device (or concurrent replays o
 capture, a buffer too small for B*H_kv (e.g. no eager call beforehand) makes the call use merge="kernel".
 
 Backends (`impl`): "reference" (PyTorch, any device), "triton" (any CUDA GPU; CPU under TRITON_INTERPRET=1),
-"cute" (CuTeDSL, Hopper, see cute_decode.py), "auto" (on sm_90 with the DSL importable: triton for B*H <= 256 and
-cute above, as measured, see `hopper_kernel`; triton on other GPUs; reference on CPU).
+"cute" (CuTeDSL, Hopper, see cute_decode.py), "auto" (on sm_90 with the DSL importable: triton for B*H <= 256,
+except where its automatic split leaves two key tiles per split, and cute above, as measured, see `hopper_kernel`;
+triton on other GPUs; reference on CPU).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ _LOG2E = 1.4426950408889634
 _CUTE_MAX_GROUP = 8  # query heads per KV head in the CuTeDSL tile (rows 0..7 queries, 8..15 probes)
 _TRITON_MAX_ROWS = 256  # impl="auto" on Hopper: B * H up to this runs the Triton kernel (see hopper_kernel)
 _TRITON_PROGRAMS_PER_SM = 2  # 4 warps, 3 pipelined stages of a 64-key K/V tile: about two programs fit an SM
+_TRITON_BLOCK_N = 64  # keys per K/V tile of the Triton split kernel on GPU (32 under the interpreter)
 TRITON_MERGES = ("atomic", "kernel")  # split partials merged by the last split program, or by a second launch
 TRITON_MERGE = "atomic"  # the default of triton_decode (and so of impl="triton" / "auto" when Triton runs)
 _MIN_COUNTERS = 1024  # int32 merge counters first allocated per device (B * H_kv needed; doubled when short)
@@ -103,7 +105,7 @@ def parallax_decode(
     requested = impl
     impl = _resolve_impl(impl, q)
     if impl == "cute" and requested == "auto":
-        impl = hopper_kernel(q.shape[0], q.shape[2], _group(q, k_cache))
+        impl = hopper_kernel(q.shape[0], q.shape[2], _group(q, k_cache), k_cache.shape[1], num_sms(q.device))
     _check_inputs(q, r, k_cache, v_cache, cache_seqlens, scale, impl, num_splits)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if impl == "reference":
@@ -125,18 +127,24 @@ def parallax_decode(
         return triton_decode(q, r, k_cache, v_cache, cache_seqlens=cache_seqlens, scale=scale, num_splits=num_splits)
 
 
-def hopper_kernel(batch: int, heads: int, group: int) -> str:
+def hopper_kernel(batch: int, heads: int, group: int, max_len: int, sms: int = _DEFAULT_NUM_SMS) -> str:
     """The kernel `impl="auto"` runs on Hopper: "triton" or "cute".
 
-    From the H200 table (analysis/kernels/parallax_decode_bench.md, 2026-11-29): with B*H <= 256 query rows the
-    Triton split-KV kernel was as fast or faster at 18 of 26 points (5.5 vs 6.4 us at B=1, H=8, L=128) and at most
-    8.5 % slower at the other 8, as the CuTeDSL path pays a separate merge launch when it splits; above 256 rows the
-    CuTeDSL kernel wins where it matters (short contexts at large batch: 252 vs 300 us at B=2048, H=8, L=128) and
-    ties elsewhere. The CuTeDSL tile holds at most 8 query heads (and their probes) per KV head.
+    From the H200 tables (analysis/kernels/parallax_decode_bench.md): with B*H <= 256 query rows the Triton
+    split-KV kernel (merging in its own launch) was faster than the CuTeDSL one at 24 of 26 points (5.1 vs 6.5 us at
+    B=1, H=8, L=128); the two others are exactly the points where Triton's automatic split leaves each of several
+    split programs two key tiles (B=1, H=16, L=2048: 12.3 vs 11.3 us; B=8, H=8, L=512: 11.1 vs 10.4 us; the run of
+    2026-11-29 ordered them the same way), so those go to CuTeDSL. Above 256 rows CuTeDSL wins where it matters
+    (short contexts at large batch: 252 vs 297 us at B=2048, H=8, L=128) and ties elsewhere. The CuTeDSL tile
+    holds at most 8 query heads (and their probes) per KV head.
     """
-    if group > _CUTE_MAX_GROUP or batch * heads <= _TRITON_MAX_ROWS:
+    if group > _CUTE_MAX_GROUP:
         return "triton"
-    return "cute"
+    if batch * heads > _TRITON_MAX_ROWS:
+        return "cute"
+    tiles = -(-max_len // _TRITON_BLOCK_N)
+    splits = auto_num_splits(batch, heads // group, max_len, _TRITON_BLOCK_N, _TRITON_PROGRAMS_PER_SM * sms)
+    return "cute" if splits > 1 and -(-tiles // splits) == 2 else "triton"
 
 
 def cute_available() -> tuple[bool, str]:
@@ -431,7 +439,7 @@ def triton_decode(q, r, k_cache, v_cache, *, cache_seqlens=None, scale: float, n
     B, _, H, D = q.shape
     max_len, H_kv = k_cache.shape[1], k_cache.shape[2]
     group = H // H_kv
-    block_n = block_n or (32 if _interpreting() else 64)
+    block_n = block_n or (32 if _interpreting() else _TRITON_BLOCK_N)
     splits = num_splits or auto_num_splits(B, H_kv, max_len, block_n, _TRITON_PROGRAMS_PER_SM * num_sms(q.device))
     out = torch.empty_like(q)
     f32 = dict(device=q.device, dtype=torch.float32)

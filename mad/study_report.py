@@ -11,6 +11,10 @@ optimizers (issue #7 lists them), how we measure it, and a verdict:
 * **not supported**: it does not (the numbers say whether the estimate even points the claimed way);
 * **not measurable here**: the runs needed are missing, or fewer than two units (no spread).
 
+An accuracy comparison whose runs all score at least 0.99 (CEILING) carries a caveat beside its verdict: a setting
+that every compared arm solves cannot show an advantage either way, so there "not supported" means "not testable
+with these settings", and harder ones are needed.
+
 Arms are attention x optimizer x schedule (`cosine`, `wsd`, `wsd+anneal`). Per arm and task setting, the learning
 rate (and weight decay, if several were run) with the best seed-mean test accuracy is kept, as MAD selects its grid
 point; `selection.csv` lists the choice. A unit is one (task setting, seed); paired comparisons match units across
@@ -48,6 +52,7 @@ UNIT = ["task", "setting", "seed"]
 RATIO_HIGH, RATIO_LOW = 8.0, 4.0  # the paper's correction-to-output ratios under Muon / AdamW
 COLLAPSE = 0.5  # "collapse": W_R's final stable rank below this fraction of its value at initialisation
 GATE_INIT = 0.5  # sigmoid(0), where every gate starts
+CEILING = 0.99  # test accuracy at which a setting counts as solved: accuracy differences there test nothing
 VERDICTS = ("supported", "not supported", "not measurable here")
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
@@ -110,6 +115,7 @@ def _row(record: dict, path: Path) -> dict:
         "lr": float(record["lr"]), "weight_decay": float(record["weight_decay"]), "seed": int(record["seed"]),
         "profile": record["profile"], "comparable": bool(record["comparable_with_published_mad"]),
         "status": record["status"], "accuracy": float(record["test_accuracy"]), "epochs": epochs,
+        "epochs_run": int(record.get("epochs_run") or len(history.get("test_accuracy", []))),
         "decay_start": decay_start, "curve": _ffill(history.get("test_accuracy", []), epochs), "series": series,
         "seq_len": record["setting"].get("seq_len"), "num_train_examples": record["setting"].get("num_train_examples"),
         "device": record.get("device"),
@@ -286,6 +292,7 @@ class Claim:
     measure: str  # how we test it
     verdict: str
     evidence: list[str]  # one line per number, each "<what>: <Estimate.text> -> <why>"
+    caveat: str = ""  # why the verdict says less than it seems to (accuracy ceiling), or ""
 
 
 def _test(name: str, est: Estimate | None, side: str, threshold: float, digits: int = 3) -> tuple[str, str]:
@@ -294,9 +301,19 @@ def _test(name: str, est: Estimate | None, side: str, threshold: float, digits: 
     return verdict, f"{name} (claimed {side} {threshold:g}): {number} -> {verdict}: {why}"
 
 
-def _claim(key: str, claim: str, measure: str, tests: list[tuple[str, str]], notes: list[str] = ()) -> Claim:
+def _claim(key: str, claim: str, measure: str, tests: list[tuple[str, str]], notes: list[str] = (),
+           caveat: str = "") -> Claim:  # fmt: skip
     verdict = combine_verdicts([v for v, _ in tests])
-    return Claim(key, claim, measure, verdict, [line for _, line in tests] + list(notes))
+    return Claim(key, claim, measure, verdict, [line for _, line in tests] + list(notes), caveat)
+
+
+def ceiling_caveat(*arms: pd.DataFrame) -> str:
+    """A caveat when every unit of every compared arm (accuracies) is at or above CEILING, else ""."""
+    values = pd.concat([arm["value"] for arm in arms]).dropna()
+    if values.empty or values.min() < CEILING:
+        return ""
+    return (f"every compared run is at the accuracy ceiling (all >= {CEILING:g}, lowest {values.min():.4f}): these "
+            "settings cannot show an advantage either way; harder settings are needed to test the claim")
 
 
 class _Units:
@@ -348,17 +365,20 @@ def _rank_claim(u: _Units) -> Claim:
 
 def _accuracy_claims(u: _Units) -> list[Claim]:
     record = accuracy_at("record")
-    gain = {opt: paired(u("parallax", opt, record), u("softmax", opt, record)) for opt in ("muon", "adamw")}
+    arms = {(att, opt): u(att, opt, record) for att in ("parallax", "softmax") for opt in ("muon", "adamw")}
+    gain = {opt: paired(arms["parallax", opt], arms["softmax", opt]) for opt in ("muon", "adamw")}
     adamw = estimate(gain["adamw"])
     return [
         _claim("beats_softmax", "Under Muon Parallax beats softmax attention.",
                "Test accuracy (MAD's, at the lowest-perplexity epoch) of parallax minus softmax, both with Muon, "
                "paired by setting and seed.",
-               [_test("accuracy gain, muon", estimate(gain["muon"]), ">", 0.0)]),
+               [_test("accuracy gain, muon", estimate(gain["muon"]), ">", 0.0)],
+               caveat=ceiling_caveat(arms["parallax", "muon"], arms["softmax", "muon"])),
         _claim("advantage_adamw", "Under AdamW the advantage over softmax shrinks or vanishes.",
                "(parallax - softmax) accuracy with Muon minus the same with AdamW, paired by setting and seed.",
                [_test("advantage(muon) - advantage(adamw)", estimate(paired(gain["muon"], gain["adamw"])), ">", 0.0)],
-               [f"advantage under adamw alone: {adamw.text()}"] if adamw else []),
+               [f"advantage under adamw alone: {adamw.text()}"] if adamw else [],
+               ceiling_caveat(*arms.values())),
     ]  # fmt: skip
 
 
@@ -397,21 +417,27 @@ def _weight_claims(u: _Units) -> list[Claim]:
 
 
 def _wsd_claims(u: _Units) -> list[Claim]:
+    def accuracies(schedule: str, which: str) -> list[pd.DataFrame]:
+        return [u(attention, "muon", accuracy_at(which), schedule) for attention in ("parallax", "softmax")]
+
     def advantage(schedule: str, which: str) -> pd.DataFrame:
-        quantity = accuracy_at(which)
-        return paired(u("parallax", "muon", quantity, schedule), u("softmax", "muon", quantity, schedule))
+        return paired(*accuracies(schedule, which))
 
     erosion = paired(advantage("wsd", "before_decay"), advantage("wsd", "final"))
     restored = paired(advantage("wsd+anneal", "final"), advantage("wsd", "final"))
+    erosion_runs = accuracies("wsd", "before_decay") + accuracies("wsd", "final")
+    restored_runs = accuracies("wsd+anneal", "final") + accuracies("wsd", "final")
     return [
         _claim("wsd_erosion", "The advantage erodes during the decay phase of a warmup-stable-decay schedule.",
                "(parallax - softmax) test accuracy with Muon and WSD at the last epoch before the decay phase minus "
                "at the last epoch, paired.",
-               [_test("advantage lost in the decay phase", estimate(erosion), ">", 0.0)]),
+               [_test("advantage lost in the decay phase", estimate(erosion), ">", 0.0)],
+               caveat=ceiling_caveat(*erosion_runs)),
         _claim("wsd_anneal", "Annealing weight decay during the decay phase partly restores the advantage.",
                "(parallax - softmax) final test accuracy with Muon, WSD with weight-decay annealing minus WSD "
                "without, paired.",
-               [_test("advantage regained by annealing", estimate(restored), ">", 0.0)]),
+               [_test("advantage regained by annealing", estimate(restored), ">", 0.0)],
+               caveat=ceiling_caveat(*restored_runs)),
     ]  # fmt: skip
 
 
@@ -593,13 +619,14 @@ def describe_scale(runs: pd.DataFrame) -> list[str]:
     for task, rows in runs.groupby("task"):
         devices = ", ".join(sorted({str(d).split(" (")[0] for d in rows["device"]}))
         values = lambda col: ", ".join(str(v) for v in sorted(rows[col].dropna().unique()))  # noqa: E731
-        lines.append(f"| {task} | {rows['setting'].nunique()} | {values('seq_len')} | {values('num_train_examples')} | "
+        lines.append(f"| {task} | {values('setting')} | {values('seq_len')} | {values('num_train_examples')} | "
                      f"{values('epochs')} | {len(rows)} | {devices} |")  # fmt: skip
     return lines
 
 
-def accuracy_table(chosen: pd.DataFrame) -> list[str]:
-    per_seed = chosen.groupby([*ARM, "task", "seed"])["accuracy"].mean()
+def accuracy_table(chosen: pd.DataFrame, column: str = "accuracy", digits: int = 3) -> list[str]:
+    """Per arm and task: `column` averaged over settings per seed, then mean ± sd over seeds (seeds in brackets)."""
+    per_seed = chosen.groupby([*ARM, "task", "seed"])[column].mean()
     stats = per_seed.groupby([*ARM, "task"]).agg(["mean", "std", "count"]).reset_index()
     tasks = sorted(stats["task"].unique())
     lines = ["| attention | optimizer | schedule | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
@@ -611,8 +638,8 @@ def accuracy_table(chosen: pd.DataFrame) -> list[str]:
                 cells.append("—")
                 continue
             sd = r["std"].iloc[0]
-            spread = "n/a" if math.isnan(sd) else f"{sd:.3f}"
-            cells.append(f"{r['mean'].iloc[0]:.3f} ± {spread} ({r['count'].iloc[0]})")
+            spread = "n/a" if math.isnan(sd) else f"{sd:.{digits}f}"
+            cells.append(f"{r['mean'].iloc[0]:.{digits}f} ± {spread} ({r['count'].iloc[0]})")
         lines.append(f"| {' | '.join(arm)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -628,14 +655,21 @@ def markdown(runs: pd.DataFrame, chosen: pd.DataFrame, claims: list[Claim], skip
            "the commands. Do not edit by hand.", "",
            *describe_scale(runs), "", "## Verdicts", "",
            "| claim (Parallax paper) | verdict |", "|---|---|",
-           *[f"| {c.claim} | **{c.verdict}** |" for c in claims], "",
+           *[f"| {c.claim} | **{c.verdict}**{' (accuracy ceiling: not testable here)' if c.caveat else ''} |"
+             for c in claims], "",
            f"Every number below comes from profile `{profile}`.", "", "## Claims and numbers", ""]  # fmt: skip
     for c in claims:
         out += [f"### {c.claim}", "", f"*Measured as:* {c.measure}", "", f"**Verdict: {c.verdict}** "
-                f"(scale: `{profile}`)", "", *[f"- {line}" for line in c.evidence], ""]  # fmt: skip
+                f"(scale: `{profile}`)", "", *[f"- {line}" for line in c.evidence],
+                *([f"- **Caveat:** {c.caveat}"] if c.caveat else []), ""]  # fmt: skip
     out += ["## Accuracy per arm", "", "Test accuracy (MAD's macro accuracy at the lowest-perplexity epoch) at each "
             "arm's best learning rate per setting: mean over settings and seeds ± sd over seeds (of the per-seed "
-            "means over settings), seeds in brackets.", "", *accuracy_table(chosen), "", "## Plots", ""]  # fmt: skip
+            "means over settings), seeds in brackets.", "", *accuracy_table(chosen), "",
+            "Epochs trained (the same runs): a run stops after the first epoch whose test accuracy exceeds 0.999, "
+            "so where every arm solves a setting, fewer epochs is the faster learner.", "",
+            *accuracy_table(chosen, "epochs_run", 1), "", "## Plots", "",
+            "Curves over training: a run that stops early (test accuracy above 0.999, MAD's rule) keeps its last "
+            "model, so its curve stays flat from its last epoch on.", ""]  # fmt: skip
     out += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     out += ["## Method", "", __doc__.split("\n\n", 2)[2].strip(), "",
             f"Thresholds: ratio above {RATIO_HIGH:g} (Muon) / below {RATIO_LOW:g} (AdamW) as the paper states them; "

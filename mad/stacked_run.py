@@ -10,7 +10,8 @@ The `stacked` Hydra launcher (hydra_plugins/mad_stacked_launcher) drives this:
    setting) and in their seed (the optimizer study's seeds): same architecture, task setting, schedule, everything
    else.
 3. `run_group` trains one group with mad/stacked_train.py and writes each run's record and weights to its own
-   directory, in the same format as an alone run (plus `stacked_runs`: how many runs shared the stack).
+   directory as soon as the run leaves the stack, in the same format as an alone run (plus `stacked_runs`: how many
+   runs shared the stack); a sweep stopped mid-stack (a deadline) so keeps every run that had finished.
 
 Mixers whose layers cannot be vmapped (the fla baselines' Triton kernels have no batching rule) train alone, one
 run after another, through `mad.run.run`.
@@ -34,7 +35,7 @@ from mad.resume import run_identity
 from mad.run import (
     fail_record, finish_record, initial_model, load_splits, loop_config, print_summary, record_header, run, validate,
 )  # fmt: skip
-from mad.stacked_train import StackedRun, StepOptions, shared_optimizer_settings, train_stacked
+from mad.stacked_train import StackedOutcome, StackedRun, StepOptions, shared_optimizer_settings, train_stacked
 
 # Layers whose forward torch.vmap can batch over stacked weights (SDPA, our Parallax kernels and reference).
 STACKABLE_MIXERS = (
@@ -112,6 +113,14 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
         record = record_header(plan.cfg, plan.resolved, models[-1], device, attention=plan.attention, repo=plan.repo)
         records.append(record | {"stacked_runs": len(plans)})
     started = time.perf_counter()
+    written: set[int] = set()
+
+    def write(index: int, outcome: StackedOutcome) -> None:
+        finish_record(records[index], outcome.result, outcome.state_dict, plans[index].run_dir,
+                      time.perf_counter() - started)  # fmt: skip
+        print_summary(records[index], plans[index].run_dir)
+        written.add(index)
+
     try:
         splits = {}  # one (train, test) pair per seed: runs of one seed share it without copies
         for plan in plans:
@@ -119,16 +128,13 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
                 splits[plan.cfg.seed] = load_splits(plan.cfg, plan.resolved)
         runs = [StackedRun(model, plan.resolved["optimizer"], *splits[plan.cfg.seed], seed=plan.cfg.seed)
                 for model, plan in zip(models, plans)]  # fmt: skip
-        outcomes = train_stacked(runs, first.resolved["train"]["schedule"], loop_config(first.cfg, device),
-                                 options=options.for_device(device))  # fmt: skip
+        train_stacked(runs, first.resolved["train"]["schedule"], loop_config(first.cfg, device),
+                      options=options.for_device(device), on_finish=write)  # fmt: skip
     except Exception as e:
-        for plan, record in zip(plans, records):
-            fail_record(record, e, plan.run_dir, time.perf_counter() - started)
+        for index, (plan, record) in enumerate(zip(plans, records)):
+            if index not in written:
+                fail_record(record, e, plan.run_dir, time.perf_counter() - started)
         raise
-    wall = time.perf_counter() - started
-    for plan, record, outcome in zip(plans, records, outcomes):
-        finish_record(record, outcome.result, outcome.state_dict, plan.run_dir, wall)
-        print_summary(record, plan.run_dir)
     return records
 
 

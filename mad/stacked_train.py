@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -251,10 +251,12 @@ def per_run_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return losses.view(n, -1).sum(1) / (targets != IGNORE_INDEX).flatten(1).sum(1)
 
 
-def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *,
-                  options: StepOptions = StepOptions()) -> list[StackedOutcome]:  # fmt: skip
+def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, options: StepOptions = StepOptions(),
+                  on_finish: Callable[[int, StackedOutcome], None] | None = None) -> list[StackedOutcome]:  # fmt: skip
     """Train every run of the group; returns, per run in order, what `mad.train.train` would return for it alone,
-    with its final weights. `cfg.seed` is not used: each run's own seed orders its data."""
+    with its final weights. `cfg.seed` is not used: each run's own seed orders its data. `on_finish(index, outcome)`
+    is called as each run leaves the stack (its result is final then), so that it can be recorded at once: a stack
+    stopped later still keeps the runs that finished before."""
     check_group(runs)
     device = cfg.device
     data = StackedData(runs, device)
@@ -301,6 +303,8 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *,
             bar.update(task, description=f"epoch {epoch}/{cfg.epochs}", stats=f"{len(active)} runs")
             for pos in finished:
                 outcomes[active[pos]] = StackedOutcome(results[active[pos]], _weights(stacked, pos, scratch))
+                if on_finish is not None:
+                    on_finish(active[pos], outcomes[active[pos]])
             if finished:
                 active = [run for pos, run in enumerate(active) if pos not in finished]
                 if not active:

@@ -4,6 +4,11 @@ trained alone, up to floating-point reordering."""
 import dataclasses
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -177,6 +182,30 @@ def test_stacked_launcher_sweep_writes_alone_format_records_and_resumes(cli, tmp
     assert all((p.parent / ".hydra" / "config.yaml").exists() for p in (tmp_path / "sweep").rglob("result.json"))
     again = cli(args)
     assert again.returncode == 0 and "4 runs: 4 already finished" in again.stdout
+
+
+def test_a_stack_stopped_midway_keeps_the_runs_that_had_finished(tmp_path):
+    # lr 1e30 diverges at once and leaves the stack in epoch 1; the other run trains on until the sweep is killed.
+    # The diverged run's record must be on disk by then (written as it left, not when the stack ends), and a relaunch
+    # must skip it and redo only the killed run.
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "mad.run", "-m", "profile=smoke", "progress=false", "task.num_train_examples=64",
+            "task.num_test_examples=64", "task.seq_len=16", "train.epochs=100000", "attention=softmax",
+            "optimizer.lr=1e-3,1e30", "hydra/launcher=stacked", "hydra.sweep.dir=sweep",
+            "hydra.sweep.subdir=lr${optimizer.lr}"]  # fmt: skip
+    sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not list((tmp_path / "sweep").rglob("result.json")) and time.time() < deadline and sweep.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the other run keeps training: the stack has not ended
+    assert sweep.poll() is None, "the sweep ended: the test needs its stack still training"
+    os.killpg(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    (record,) = records_under(tmp_path / "sweep")
+    assert (record["lr"], record["status"], record["stacked_runs"]) == (1e30, "diverged", 2)
+    dry = subprocess.run([*args, "dry_run=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert dry.stdout.count("done: ") == dry.stdout.count("to run: ") == 1, dry.stdout + dry.stderr
 
 
 def test_stacked_launcher_reports_bad_configs_before_training(cli, tmp_path):

@@ -74,6 +74,10 @@ def _check_train(train: dict) -> None:
     _positive_int("train.batch_size", train["batch_size"])
     if train["precision"] not in PRECISIONS:
         raise ConfigError(f"unknown train.precision {train['precision']!r}; allowed: {', '.join(PRECISIONS)}")
+    stop = train["early_stop_accuracy"]
+    if isinstance(stop, bool) or not isinstance(stop, (int, float)) or not 0 < stop <= 1:
+        raise ConfigError(f"train.early_stop_accuracy must be a number in (0, 1] (a run stops after the first epoch "
+                          f"whose test accuracy exceeds it; 1: never), got {stop!r}")
 
 
 def _check_launch(launch: dict) -> None:

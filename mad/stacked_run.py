@@ -11,7 +11,8 @@ The `stacked` Hydra launcher (hydra_plugins/mad_stacked_launcher) drives this:
    else.
 3. `run_group` trains one group with mad/stacked_train.py and writes each run's record and weights to its own
    directory as soon as the run leaves the stack, in the same format as an alone run (plus `stacked_runs`: how many
-   runs shared the stack); a sweep stopped mid-stack (a deadline) so keeps every run that had finished.
+   runs shared the stack); a sweep stopped mid-stack (a deadline) so keeps every run that had finished. A record's
+   `wall_time_s` is the time from the stack's start until that run left it.
 
 Mixers whose layers cannot be vmapped (the fla baselines' Triton kernels have no batching rule) train alone, one
 run after another, through `mad.run.run`.
@@ -118,8 +119,8 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
     def write(index: int, outcome: StackedOutcome) -> None:
         finish_record(records[index], outcome.result, outcome.state_dict, plans[index].run_dir,
                       time.perf_counter() - started)  # fmt: skip
-        print_summary(records[index], plans[index].run_dir)
         written.add(index)
+        print_summary(records[index], plans[index].run_dir)
 
     try:
         splits = {}  # one (train, test) pair per seed: runs of one seed share it without copies
@@ -134,8 +135,19 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
         for index, (plan, record) in enumerate(zip(plans, records)):
             if index not in written:
                 fail_record(record, e, plan.run_dir, time.perf_counter() - started)
-        raise
+        raise GroupFailed(f"{type(e).__name__}: {e}", {i: records[i] for i in written}) from e
     return records
+
+
+class GroupFailed(Exception):
+    """A stack that failed after `finished` ({index in the group: record}) had left it with their records written."""
+
+    def __init__(self, message: str, finished: dict[int, dict]) -> None:
+        super().__init__(message, finished)
+        self.message, self.finished = message, finished
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _run_alone(plan: RunPlan, device: torch.device) -> dict:

@@ -29,7 +29,7 @@ def classify(job_dir: Path, since: float, dry_run: bool) -> str:
     try:
         record = read_record(path)
     except ValueError:
-        return "to run" if dry_run else "no record (killed or crashed)"
+        return "to run" if dry_run else "no record (not started, killed or crashed)"
     if path.stat().st_mtime < since:
         return "already finished" if record["status"] in FINISHED else ("to run" if dry_run else "stale record")
     return f"ran now: {record['status']}"

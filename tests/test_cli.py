@@ -51,6 +51,7 @@ def test_in_context_recall_smoke_run_learns(cli, tmp_path):
         ("optimizer=nope", "Could not find 'optimizer/nope'"),
         ("attention.num_heads=3", "not divisible by attention.num_heads=3"),
         ("optimizer.lr=-1e-3", "optimizer.lr must be positive"),
+        ("train.early_stop_accuracy=1.5", "train.early_stop_accuracy must be a number in (0, 1]"),
         ("task.num_train_examples=0", "task.num_train_examples must be a positive integer"),
         ("task.seq_len=63", "seq_len"),
         ("task.backbone=language_model task=compression", "needs the autoencoder backbone"),

@@ -190,7 +190,8 @@ def test_a_stack_stopped_midway_keeps_the_runs_that_had_finished(tmp_path):
     # must skip it and redo only the killed run.
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "mad.run", "-m", "profile=smoke", "progress=false", "task.num_train_examples=64",
-            "task.num_test_examples=64", "task.seq_len=16", "train.epochs=100000", "attention=softmax",
+            "task.num_test_examples=64", "task.seq_len=16", "train.epochs=100000", "train.early_stop_accuracy=1",
+            "attention=softmax",
             "optimizer.lr=1e-3,1e30", "hydra/launcher=stacked", "hydra.sweep.dir=sweep",
             "hydra.sweep.subdir=lr${optimizer.lr}"]  # fmt: skip
     sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -208,6 +209,39 @@ def test_a_stack_stopped_midway_keeps_the_runs_that_had_finished(tmp_path):
     assert dry.stdout.count("done: ") == dry.stdout.count("to run: ") == 1, dry.stdout + dry.stderr
 
 
+def test_a_group_failing_after_a_run_left_keeps_that_runs_record(tmp_path, monkeypatch):
+    import pickle
+
+    import mad.stacked_run as stacked_run
+    from hydra_plugins.mad_stacked_launcher.stacked_launcher import _outcome
+    from mad.run import validate
+
+    plans = []
+    for lr in (1e-3, 5e-3):
+        cfg = compose_cfg("profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
+                          "task.seq_len=16", "train.epochs=1", f"optimizer.lr={lr}")  # fmt: skip
+        run_dir = tmp_path / f"lr{lr}"
+        run_dir.mkdir()
+        plans.append(RunPlan(cfg, validate(cfg, run_dir)[0], run_dir, "softmax", REPO))
+    real = stacked_run.train_stacked
+
+    def breaks_after_the_first_run_left(runs, schedule, cfg, *, options, on_finish):
+        def first_then_fail(index, outcome):
+            on_finish(index, outcome)
+            raise RuntimeError("the stack broke")
+
+        return real(runs, schedule, cfg, options=options, on_finish=first_then_fail)
+
+    monkeypatch.setattr(stacked_run, "train_stacked", breaks_after_the_first_run_left)
+    with pytest.raises(stacked_run.GroupFailed, match="RuntimeError: the stack broke") as failed:
+        stacked_run.run_group(plans, torch.device("cpu"))
+    first, second = (json.loads((plan.run_dir / "result.json").read_text()) for plan in plans)
+    assert (first["status"], second["status"]) == ("ok", "failed") and "the stack broke" in second["error"]
+    error = pickle.loads(pickle.dumps(failed.value))  # as it comes back from a worker process
+    assert list(error.finished) == [0] and error.finished[0]["test_accuracy"] == first["test_accuracy"]
+    assert _outcome(error, 0) == error.finished[0] and _outcome(error, 1) is error
+
+
 def test_stacked_launcher_reports_bad_configs_before_training(cli, tmp_path):
     proc = cli(["-m", "profile=smoke", "progress=false", "optimizer.lr=1e-3,-1", "hydra/launcher=stacked",
                 "hydra.sweep.dir=sweep"])  # fmt: skip
@@ -217,6 +251,9 @@ def test_stacked_launcher_reports_bad_configs_before_training(cli, tmp_path):
                 "hydra.launcher.devices=[cuda:7]", "hydra.sweep.dir=sweep2"])  # fmt: skip
     assert proc.returncode == 2 and "cuda:7" in proc.stderr
     assert not list((tmp_path / "sweep2").rglob(".hydra"))  # stopped before any job was planned
+    proc = cli(["-m", "profile=smoke", "progress=false", "optimizer.lr=1e-3,5e-3", "hydra/launcher=stacked",
+                "hydra.launcher.start_until=-5", "hydra.sweep.dir=sweep3"])  # fmt: skip
+    assert proc.returncode == 2 and "start_until must be >= 0 seconds" in proc.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; "
@@ -274,6 +311,23 @@ def test_stacked_launcher_spreads_groups_over_worker_processes(cli, tmp_path):
     records = records_under(tmp_path / "sweep")
     assert sorted((r["weight_decay"], r["stacked_runs"], r["status"]) for r in records) == [(0.0, 1, "ok"), (0.1, 1, "ok")]
     assert "2 runs: 2 ran now: ok" in proc.stdout
+
+
+@pytest.mark.parametrize("devices", ["[cpu]", "[cpu,cpu]"])  # in this process; in spawned worker processes
+def test_no_group_starts_after_start_until(cli, tmp_path, devices):
+    # A deadline already passed when training begins (planning alone takes longer than 1 ms): nothing trains, the
+    # sweep says so, and a relaunch without the limit trains every run.
+    args = ["-m", "profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
+            "task.seq_len=16", "train.epochs=1", "attention=softmax", "optimizer.weight_decay=0.0,0.1",
+            "hydra/launcher=stacked", f"hydra.launcher.devices={devices}", "hydra.launcher.max_group=1",
+            "hydra.sweep.dir=sweep"]  # fmt: skip
+    late = cli([*args, "hydra.launcher.start_until=0.001"])
+    assert late.returncode == 0, late.stderr
+    assert "2 runs in 2 groups not started: hydra.launcher.start_until=0.001 s had passed" in late.stdout
+    assert not records_under(tmp_path / "sweep") and "2 no record (not started, killed or crashed)" in late.stdout
+    if devices == "[cpu]":  # a limit not yet reached holds nothing back
+        again = cli([*args, "hydra.launcher.start_until=3600"])
+        assert again.returncode == 0 and "2 runs: 2 ran now: ok" in again.stdout and "not started" not in again.stdout
 
 
 def test_throughput_benchmark_cpu_smoke(tmp_path):

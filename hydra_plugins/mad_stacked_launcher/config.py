@@ -18,6 +18,7 @@ class StackedLauncherConf:
     max_group: int = 0  # most runs per stack; 0: the whole lr x weight-decay grid of a setting
     cuda_graph: bool = True  # capture each stack's training step as a CUDA graph (CUDA only)
     compile: bool = False  # the stack's forward under torch.compile (CUDA only; analysis/throughput/sweep_compile.md)
+    start_until: float = 0.0  # seconds after the launch: no group starts later (0: no limit); for calls with a deadline
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="stacked", node=StackedLauncherConf, provider="mad")

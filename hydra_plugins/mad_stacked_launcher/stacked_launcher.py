@@ -7,6 +7,11 @@ over the host's devices.
 Every job's directory, `.hydra/` config and record are those of the basic launcher; finished runs are skipped and
 bad configs are reported before anything trains. Groups go to worker processes, `workers_per_device` per device,
 the largest groups first; with a single worker everything runs in this process.
+
+`start_until` is for machines lent with a deadline: the runs still training in a stack stopped by the deadline start
+over next time, so past `start_until` seconds after the launch (counted from when the launcher starts, after Python
+and Hydra have loaded) no further group starts; their runs get no record, the sweep says how many, and the next
+launch trains them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -71,7 +77,18 @@ def _pin_worker(slots) -> None:
     _WORKER_DEVICE = slots.get()
 
 
-def _train_group_in_worker(plans, options) -> list[dict]:
+class NotStarted(Exception):
+    """A group left untrained because `start_until` had passed when its turn came."""
+
+
+def _check_start(start_by: float | None) -> None:
+    """NotStarted when the wall clock is past `start_by` (epoch seconds; None: no limit)."""
+    if start_by is not None and time.time() > start_by:
+        raise NotStarted("not started: hydra.launcher.start_until had passed")
+
+
+def _train_group_in_worker(plans, options, start_by: float | None) -> list[dict]:
+    _check_start(start_by)
     import torch
 
     from mad.stacked_run import run_group
@@ -85,19 +102,31 @@ def _train_group_in_worker(plans, options) -> list[dict]:
 def _or_error(call):
     try:
         return call()
+    except NotStarted as e:
+        return e
     except Exception as e:  # noqa: BLE001 - reported per job, like a failing job of the basic launcher
         log.error(f"a stacked group failed: {type(e).__name__}: {e}")
         return e
 
 
+def _outcome(records: list[dict] | Exception, index: int) -> dict | Exception:
+    """Run `index`'s record in its group's outcome; a run that finished before its group failed keeps its record."""
+    from mad.stacked_run import GroupFailed
+
+    if isinstance(records, GroupFailed) and index in records.finished:
+        return records.finished[index]
+    return records if isinstance(records, Exception) else records[index]
+
+
 class StackedLauncher(Launcher):
     def __init__(self, devices: Any = "auto", workers_per_device: int = 1, max_group: int = 0,
-                 cuda_graph: bool = True, compile: bool = False) -> None:  # fmt: skip
+                 cuda_graph: bool = True, compile: bool = False, start_until: float = 0.0) -> None:  # fmt: skip
         from mad.stacked_train import StepOptions
 
         super().__init__()
         self.devices, self.workers_per_device = devices, workers_per_device
         self.max_group, self.options = max_group, StepOptions(cuda_graph=cuda_graph, compile=compile)
+        self.start_until = start_until
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
 
@@ -107,6 +136,7 @@ class StackedLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from mad.stacked_run import RunPlan, group_plans, plan_job
 
+        launched = time.time()
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         slots = self._worker_slots()
@@ -122,12 +152,20 @@ class StackedLauncher(Launcher):
         plans = [r.return_value for r in returns if isinstance(r.return_value, RunPlan)]
         groups = sorted(group_plans(plans, self.max_group), key=len, reverse=True)
         log.info(f"{len(plans)} runs to train in {len(groups)} groups ({len(returns) - len(plans)} done or listed)")
-        records = self._train(groups, slots)
-        by_dir = {plan.run_dir: recs if isinstance(recs, Exception) else recs[i]
-                  for group, recs in zip(groups, records) for i, plan in enumerate(group)}  # fmt: skip
+        records = self._train(groups, slots, launched + self.start_until if self.start_until > 0 else None)
+        left = [group for group, recs in zip(groups, records) if isinstance(recs, NotStarted)]
+        if left:
+            from rich.console import Console
+
+            Console(soft_wrap=True).print(
+                f"{sum(map(len, left))} runs in {len(left)} groups not started: hydra.launcher.start_until="
+                f"{self.start_until:g} s had passed (the next launch trains them)")
+        by_dir = {plan.run_dir: _outcome(recs, i) for group, recs in zip(groups, records) for i, plan in enumerate(group)}
         for r in returns:
             if isinstance(r.return_value, RunPlan):
                 outcome = by_dir[r.return_value.run_dir]
+                if isinstance(outcome, NotStarted):  # not an error: the job is left for the next launch
+                    outcome = None
                 r.status = JobStatus.FAILED if isinstance(outcome, Exception) else JobStatus.COMPLETED
                 r.return_value = outcome
         return returns
@@ -150,6 +188,8 @@ class StackedLauncher(Launcher):
             check_devices(devices, torch.cuda.device_count())
             if self.max_group < 0:
                 raise ValueError(f"hydra.launcher.max_group must be >= 0 (0: no limit), got {self.max_group}")
+            if not self.start_until >= 0:
+                raise ValueError(f"hydra.launcher.start_until must be >= 0 seconds (0: no limit), got {self.start_until}")
             return worker_slots(devices, self.workers_per_device)
         except ValueError as e:
             from rich.console import Console
@@ -157,20 +197,25 @@ class StackedLauncher(Launcher):
             Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {e}")
             sys.exit(2)
 
-    def _train(self, groups: list[list], slots: list[str]) -> list[list[dict] | Exception]:
-        """Each group's records, or the exception that ended it (its runs' records then say `failed`): one group
-        failing, as one job of the basic launcher, does not stop the others."""
+    def _train(self, groups: list[list], slots: list[str], start_by: float | None) -> list[list[dict] | Exception]:
+        """Each group's records, or the exception that ended it (its runs' records then say `failed`; NotStarted:
+        none was written): one group failing, as one job of the basic launcher, does not stop the others."""
         import torch
 
         if len(slots) == 1 or len(groups) <= 1:
             from mad.stacked_run import run_group
 
             device = torch.device(slots[0])
-            return [_or_error(lambda g=group: run_group(g, device, self.options)) for group in groups]
+
+            def train(group: list) -> list[dict]:
+                _check_start(start_by)
+                return run_group(group, device, self.options)
+
+            return [_or_error(lambda g=group: train(g)) for group in groups]
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         for slot in slots:
             queue.put(slot)
         with ProcessPoolExecutor(len(slots), mp_context=context, initializer=_pin_worker, initargs=(queue,)) as pool:
-            futures = [pool.submit(_train_group_in_worker, group, self.options) for group in groups]
+            futures = [pool.submit(_train_group_in_worker, group, self.options, start_by) for group in groups]
             return [_or_error(f.result) for f in futures]

@@ -116,6 +116,7 @@ def _row(record: dict, path: Path) -> dict:
         "profile": record["profile"], "comparable": bool(record["comparable_with_published_mad"]),
         "status": record["status"], "accuracy": float(record["test_accuracy"]), "epochs": epochs,
         "epochs_run": int(record.get("epochs_run") or len(history.get("test_accuracy", []))),
+        "early_stop": float(config["train"].get("early_stop_accuracy", math.nan)),
         "decay_start": decay_start, "curve": _ffill(history.get("test_accuracy", []), epochs), "series": series,
         "seq_len": record["setting"].get("seq_len"), "num_train_examples": record["setting"].get("num_train_examples"),
         "device": record.get("device"),
@@ -259,16 +260,25 @@ def rank_retention(key: str) -> Callable[[pd.Series], float]:
 
 
 def accuracy_at(which: str) -> Callable[[pd.Series], float]:
-    """Test accuracy of the record (`record`), the last epoch (`final`) or the last epoch before WSD's decay."""
+    """Test accuracy of the record (`record`), the last epoch (`final`), or, for a run that trained in WSD's decay
+    phase, the last epoch before it (`before_decay`) and the last epoch (`after_decay`); NaN for a run that stopped
+    before its decay phase began (or has none)."""
 
     def value(run: pd.Series) -> float:
         if which == "record":
             return run["accuracy"]
         if which == "final":
             return float(run["curve"][-1])
-        return float(run["curve"][int(run["decay_start"]) - 1]) if run["decay_start"] > 0 else math.nan
+        if not 0 < run["decay_start"] < run["epochs_run"]:
+            return math.nan
+        return float(run["curve"][int(run["decay_start"]) - 1] if which == "before_decay" else run["curve"][-1])
 
     return value
+
+
+def stopped_before_decay(run: pd.Series) -> float:
+    """1.0 for a WSD run that stopped (early stop, divergence) before its decay phase began, else 0.0."""
+    return float(run["decay_start"] > 0 and run["epochs_run"] <= run["decay_start"])
 
 
 def units_of(chosen: pd.DataFrame, arm: tuple[str, str, str], quantity: Callable) -> pd.DataFrame:
@@ -308,12 +318,14 @@ def _claim(key: str, claim: str, measure: str, tests: list[tuple[str, str]], not
 
 
 def ceiling_caveat(*arms: pd.DataFrame) -> str:
-    """A caveat when every unit of every compared arm (accuracies) is at or above CEILING, else ""."""
-    values = pd.concat([arm["value"] for arm in arms]).dropna()
-    if values.empty or values.min() < CEILING:
+    """A caveat when every compared arm (accuracies per unit) has runs and all of them are at or above CEILING."""
+    values = [arm["value"].dropna() for arm in arms]
+    if any(v.empty for v in values) or min(v.min() for v in values) < CEILING:
         return ""
-    return (f"every compared run is at the accuracy ceiling (all >= {CEILING:g}, lowest {values.min():.4f}): these "
-            "settings cannot show an advantage either way; harder settings are needed to test the claim")
+    lowest = min(v.min() for v in values)
+    return (f"every compared run is at the accuracy ceiling (all >= {CEILING:g}, lowest {lowest:.4f}): differences "
+            "here are a few errors per thousand at most, so these settings say little about the claim either way; "
+            "harder settings are needed to test it")
 
 
 class _Units:
@@ -378,7 +390,7 @@ def _accuracy_claims(u: _Units) -> list[Claim]:
                "(parallax - softmax) accuracy with Muon minus the same with AdamW, paired by setting and seed.",
                [_test("advantage(muon) - advantage(adamw)", estimate(paired(gain["muon"], gain["adamw"])), ">", 0.0)],
                [f"advantage under adamw alone: {adamw.text()}"] if adamw else [],
-               ceiling_caveat(*arms.values())),
+               caveat=ceiling_caveat(*arms.values())),
     ]  # fmt: skip
 
 
@@ -423,21 +435,30 @@ def _wsd_claims(u: _Units) -> list[Claim]:
     def advantage(schedule: str, which: str) -> pd.DataFrame:
         return paired(*accuracies(schedule, which))
 
-    erosion = paired(advantage("wsd", "before_decay"), advantage("wsd", "final"))
-    restored = paired(advantage("wsd+anneal", "final"), advantage("wsd", "final"))
-    erosion_runs = accuracies("wsd", "before_decay") + accuracies("wsd", "final")
-    restored_runs = accuracies("wsd+anneal", "final") + accuracies("wsd", "final")
+    erosion = paired(advantage("wsd", "before_decay"), advantage("wsd", "after_decay"))
+    restored = paired(advantage("wsd+anneal", "after_decay"), advantage("wsd", "after_decay"))
+    erosion_runs = accuracies("wsd", "before_decay") + accuracies("wsd", "after_decay")
+    restored_runs = accuracies("wsd+anneal", "after_decay") + accuracies("wsd", "after_decay")
+
+    def stopped_note(schedules: tuple[str, ...]) -> list[str]:
+        counts = pd.concat([u(attention, "muon", stopped_before_decay, schedule)["value"]
+                            for attention in ("parallax", "softmax") for schedule in schedules])  # fmt: skip
+        if not counts.sum():
+            return []
+        return [f"{int(counts.sum())} of {len(counts)} runs of these arms stopped (early stop) before their decay "
+                "phase began, so they never trained in it and are left out; the claim needs WSD runs that train "
+                "to the end (train.early_stop_accuracy=1)"]
     return [
         _claim("wsd_erosion", "The advantage erodes during the decay phase of a warmup-stable-decay schedule.",
                "(parallax - softmax) test accuracy with Muon and WSD at the last epoch before the decay phase minus "
                "at the last epoch, paired.",
-               [_test("advantage lost in the decay phase", estimate(erosion), ">", 0.0)],
+               [_test("advantage lost in the decay phase", estimate(erosion), ">", 0.0)], stopped_note(("wsd",)),
                caveat=ceiling_caveat(*erosion_runs)),
         _claim("wsd_anneal", "Annealing weight decay during the decay phase partly restores the advantage.",
                "(parallax - softmax) final test accuracy with Muon, WSD with weight-decay annealing minus WSD "
                "without, paired.",
                [_test("advantage regained by annealing", estimate(restored), ">", 0.0)],
-               caveat=ceiling_caveat(*restored_runs)),
+               stopped_note(("wsd", "wsd+anneal")), caveat=ceiling_caveat(*restored_runs)),
     ]  # fmt: skip
 
 
@@ -647,6 +668,7 @@ def accuracy_table(chosen: pd.DataFrame, column: str = "accuracy", digits: int =
 def markdown(runs: pd.DataFrame, chosen: pd.DataFrame, claims: list[Claim], skipped: list[str], plots: list[Path],
              runs_dir: Path, out_dir: Path) -> str:  # fmt: skip
     (profile,) = runs["profile"].unique()
+    stop = ", ".join(f"{v:g}" for v in sorted(runs["early_stop"].dropna().unique())) or "not recorded"
     scale = "" if runs["comparable"].all() else " (SMOKE SCALE: pipeline check, not evidence)"
     out = [f"# Optimizer study: does Muon unlock Parallax's correction branch?{scale}", "",
            f"Generated by `python -m mad.study_report {runs_dir} --out {out_dir}` from {len(runs)} run records "
@@ -655,7 +677,7 @@ def markdown(runs: pd.DataFrame, chosen: pd.DataFrame, claims: list[Claim], skip
            "the commands. Do not edit by hand.", "",
            *describe_scale(runs), "", "## Verdicts", "",
            "| claim (Parallax paper) | verdict |", "|---|---|",
-           *[f"| {c.claim} | **{c.verdict}**{' (accuracy ceiling: not testable here)' if c.caveat else ''} |"
+           *[f"| {c.claim} | **{c.verdict}**{' (all compared runs at the accuracy ceiling)' if c.caveat else ''} |"
              for c in claims], "",
            f"Every number below comes from profile `{profile}`.", "", "## Claims and numbers", ""]  # fmt: skip
     for c in claims:
@@ -665,11 +687,12 @@ def markdown(runs: pd.DataFrame, chosen: pd.DataFrame, claims: list[Claim], skip
     out += ["## Accuracy per arm", "", "Test accuracy (MAD's macro accuracy at the lowest-perplexity epoch) at each "
             "arm's best learning rate per setting: mean over settings and seeds ± sd over seeds (of the per-seed "
             "means over settings), seeds in brackets.", "", *accuracy_table(chosen), "",
-            "Epochs trained (the same runs): a run stops after the first epoch whose test accuracy exceeds 0.999, "
-            "so where every arm solves a setting, fewer epochs is the faster learner.", "",
+            f"Epochs trained (the same runs): a run stops after the first epoch whose test accuracy exceeds "
+            f"train.early_stop_accuracy ({stop}), so where every arm solves a setting, fewer epochs is the faster "
+            "learner (but the learning rate was chosen on accuracy alone).", "",
             *accuracy_table(chosen, "epochs_run", 1), "", "## Plots", "",
-            "Curves over training: a run that stops early (test accuracy above 0.999, MAD's rule) keeps its last "
-            "model, so its curve stays flat from its last epoch on.", ""]  # fmt: skip
+            "Curves over training: a run that stops early keeps its last model, so its curve stays flat from its "
+            "last epoch on.", ""]  # fmt: skip
     out += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     out += ["## Method", "", __doc__.split("\n\n", 2)[2].strip(), "",
             f"Thresholds: ratio above {RATIO_HIGH:g} (Muon) / below {RATIO_LOW:g} (AdamW) as the paper states them; "

@@ -37,15 +37,16 @@ def make_record(attention: str, optimizer: str, seed: int, accuracy: float, *, l
             "stable_rank": {}}  # fmt: skip
     final = {"layers": layers, "stable_rank": {"head": 5.0}}
     curve = curve or [accuracy] * EPOCHS
-    train = {"epochs": EPOCHS, "batch_size": 128, "schedule": schedule or {"name": "cosine", "min_lr": 1e-6}}
+    train = {"epochs": EPOCHS, "batch_size": 128, "schedule": schedule or {"name": "cosine", "min_lr": 1e-6},
+             "early_stop_accuracy": 0.999}
     return {
         "schema": 1, "status": "ok", "error": None, "task": TASK, "setting": setting, "attention": attention,
         "optimizer": optimizer, "lr": lr, "weight_decay": 0.1, "seed": seed, "profile": profile,
         "comparable_with_published_mad": profile == "full",
         "config": {"task": {"name": TASK, **setting}, "attention": {}, "optimizer": {"name": optimizer, "lr": lr},
                    "model": {}, "train": train, "profile": {"name": profile}, "seed": seed},
-        "test_accuracy": accuracy, "best_epoch": EPOCHS, "epochs_run": EPOCHS, "device": "cpu (x86_64, 2 cores)",
-        "history": {"epoch": list(range(1, EPOCHS + 1)), "test_accuracy": curve, "diagnostics": [final] * EPOCHS},
+        "test_accuracy": accuracy, "best_epoch": len(curve), "epochs_run": len(curve), "device": "cpu (x86_64, 2 cores)",
+        "history": {"epoch": list(range(1, len(curve) + 1)), "test_accuracy": curve, "diagnostics": [final] * len(curve)},
         "diagnostics_at_init": init,
     }  # fmt: skip
 
@@ -171,7 +172,24 @@ def test_accuracy_claims_at_the_ceiling_carry_a_caveat(tmp_path):
     assert claims["beats_softmax"].caveat.startswith("every compared run is at the accuracy ceiling (all >= 0.99, "
                                                       "lowest 0.9960)")  # fmt: skip
     assert not claims["ratio_muon"].caveat  # diagnostics claims are not about accuracy
+    assert not claims["advantage_adamw"].caveat  # no AdamW runs: nothing at a ceiling, the claim is not measurable
     report = make_report(tmp_path / "runs", tmp_path / "out").read_text()
-    assert "(accuracy ceiling: not testable here) |" in report and "- **Caveat:** every compared run" in report
+    assert "(all compared runs at the accuracy ceiling) |" in report and "- **Caveat:** every compared run" in report
+    assert "exceeds train.early_stop_accuracy (0.999)" in report
     below = {c.key: c for c in evaluate_claims(select_best(load_runs(write(tmp_path / "b", study_records()))[0])[0])}
     assert not below["beats_softmax"].caveat and not below["advantage_adamw"].caveat  # 0.7-0.9: far from the ceiling
+
+
+def test_wsd_runs_that_stopped_before_the_decay_phase_are_left_out(tmp_path):
+    wsd = {"name": "wsd", "warmup_fraction": 0.0, "decay_fraction": 0.5, "min_lr": 0.0, "anneal_weight_decay": False}
+    records = []
+    for seed in SEEDS:  # decay starts after epoch 2; every run early-stopped in epoch 2, so none ever decayed
+        for schedule in (wsd, wsd | {"anneal_weight_decay": True}):
+            records.append(make_record("parallax", "muon", seed, 0.9, schedule=schedule, curve=[0.5, 0.9]))
+            records.append(make_record("softmax", "muon", seed, 0.7, schedule=schedule, curve=[0.5, 0.7]))
+    chosen, _ = select_best(load_runs(write(tmp_path, records))[0])
+    claims = {c.key: c for c in evaluate_claims(chosen)}
+    for key, runs in (("wsd_erosion", 6), ("wsd_anneal", 12)):
+        assert claims[key].verdict == "not measurable here", claims[key].evidence
+        assert f"{runs} of {runs} runs of these arms stopped (early stop) before their decay phase" in (
+            claims[key].evidence[-1])  # fmt: skip

@@ -93,6 +93,7 @@ def test_auto_on_hopper_takes_the_kernel_measured_faster():
     assert hopper_kernel(1, 16, 1, 8192) == "triton" and hopper_kernel(1, 16, 2, 2048) == "triton"  # 16 x 8; 32 x 1
     assert hopper_kernel(32, 16, 1, 128) == "cute" and hopper_kernel(2048, 8, 1, 128) == "cute"
     assert hopper_kernel(2048, 16, 16, 128) == "triton"
+    assert hopper_kernel(1, 8, 1, 2048, num_splits=16) == "cute" and hopper_kernel(1, 16, 1, 2048, num_splits=32) == "triton"
 
 
 def test_auto_on_cpu_is_the_reference():

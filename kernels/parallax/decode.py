@@ -105,7 +105,8 @@ def parallax_decode(
     requested = impl
     impl = _resolve_impl(impl, q)
     if impl == "cute" and requested == "auto":
-        impl = hopper_kernel(q.shape[0], q.shape[2], _group(q, k_cache), k_cache.shape[1], num_sms(q.device))
+        impl = hopper_kernel(q.shape[0], q.shape[2], _group(q, k_cache), k_cache.shape[1], num_sms(q.device),
+                             num_splits)  # fmt: skip
     _check_inputs(q, r, k_cache, v_cache, cache_seqlens, scale, impl, num_splits)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if impl == "reference":
@@ -127,7 +128,8 @@ def parallax_decode(
         return triton_decode(q, r, k_cache, v_cache, cache_seqlens=cache_seqlens, scale=scale, num_splits=num_splits)
 
 
-def hopper_kernel(batch: int, heads: int, group: int, max_len: int, sms: int = _DEFAULT_NUM_SMS) -> str:
+def hopper_kernel(batch: int, heads: int, group: int, max_len: int, sms: int = _DEFAULT_NUM_SMS,
+                  num_splits: int | None = None) -> str:  # fmt: skip
     """The kernel `impl="auto"` runs on Hopper: "triton" or "cute".
 
     From the H200 tables (analysis/kernels/parallax_decode_bench.md): with B*H <= 256 query rows the Triton
@@ -137,13 +139,17 @@ def hopper_kernel(batch: int, heads: int, group: int, max_len: int, sms: int = _
     2026-11-29 ordered them the same way), so those go to CuTeDSL. Above 256 rows CuTeDSL wins where it matters
     (short contexts at large batch: 252 vs 297 us at B=2048, H=8, L=128) and ties elsewhere. The CuTeDSL tile
     holds at most 8 query heads (and their probes) per KV head.
+
+    The rule reads the cache capacity `max_len` (what the Triton kernel's automatic split is sized by), and a forced
+    `num_splits` where given; the tables measured full caches and MHA only, so for ragged `cache_seqlens` and for
+    GQA it is the same rule applied unmeasured.
     """
     if group > _CUTE_MAX_GROUP:
         return "triton"
     if batch * heads > _TRITON_MAX_ROWS:
         return "cute"
     tiles = -(-max_len // _TRITON_BLOCK_N)
-    splits = auto_num_splits(batch, heads // group, max_len, _TRITON_BLOCK_N, _TRITON_PROGRAMS_PER_SM * sms)
+    splits = num_splits or auto_num_splits(batch, heads // group, max_len, _TRITON_BLOCK_N, _TRITON_PROGRAMS_PER_SM * sms)
     return "cute" if splits > 1 and -(-tiles // splits) == 2 else "triton"
 
 

@@ -269,16 +269,21 @@ def accuracy_at(which: str) -> Callable[[pd.Series], float]:
             return run["accuracy"]
         if which == "final":
             return float(run["curve"][-1])
-        if not 0 < run["decay_start"] < run["epochs_run"]:
+        if not trained_in_decay(run):
             return math.nan
         return float(run["curve"][int(run["decay_start"]) - 1] if which == "before_decay" else run["curve"][-1])
 
     return value
 
 
+def trained_in_decay(run: pd.Series) -> bool:
+    """Whether a run has a WSD decay phase and trained at least one epoch in it."""
+    return 0 < run["decay_start"] < run["epochs_run"]
+
+
 def stopped_before_decay(run: pd.Series) -> float:
     """1.0 for a WSD run that stopped (early stop, divergence) before its decay phase began, else 0.0."""
-    return float(run["decay_start"] > 0 and run["epochs_run"] <= run["decay_start"])
+    return float(run["decay_start"] > 0 and not trained_in_decay(run))
 
 
 def units_of(chosen: pd.DataFrame, arm: tuple[str, str, str], quantity: Callable) -> pd.DataFrame:
@@ -645,7 +650,7 @@ def describe_scale(runs: pd.DataFrame) -> list[str]:
     return lines
 
 
-def accuracy_table(chosen: pd.DataFrame, column: str = "accuracy", digits: int = 3) -> list[str]:
+def per_arm_table(chosen: pd.DataFrame, column: str = "accuracy", digits: int = 3) -> list[str]:
     """Per arm and task: `column` averaged over settings per seed, then mean ± sd over seeds (seeds in brackets)."""
     per_seed = chosen.groupby([*ARM, "task", "seed"])[column].mean()
     stats = per_seed.groupby([*ARM, "task"]).agg(["mean", "std", "count"]).reset_index()
@@ -686,11 +691,11 @@ def markdown(runs: pd.DataFrame, chosen: pd.DataFrame, claims: list[Claim], skip
                 *([f"- **Caveat:** {c.caveat}"] if c.caveat else []), ""]  # fmt: skip
     out += ["## Accuracy per arm", "", "Test accuracy (MAD's macro accuracy at the lowest-perplexity epoch) at each "
             "arm's best learning rate per setting: mean over settings and seeds ± sd over seeds (of the per-seed "
-            "means over settings), seeds in brackets.", "", *accuracy_table(chosen), "",
+            "means over settings), seeds in brackets.", "", *per_arm_table(chosen), "",
             f"Epochs trained (the same runs): a run stops after the first epoch whose test accuracy exceeds "
             f"train.early_stop_accuracy ({stop}), so where every arm solves a setting, fewer epochs is the faster "
             "learner (but the learning rate was chosen on accuracy alone).", "",
-            *accuracy_table(chosen, "epochs_run", 1), "", "## Plots", "",
+            *per_arm_table(chosen, "epochs_run", 1), "", "## Plots", "",
             "Curves over training: a run that stops early keeps its last model, so its curve stays flat from its "
             "last epoch on.", ""]  # fmt: skip
     out += [f"![{p.stem}]({p.name})" for p in plots] + [""]

@@ -5,7 +5,8 @@
 
 Grid: batch {1, 8, 32, 128, 512, 2048} x context {128, 512, 2048, 8192, 32768} x heads {8, 16} (MHA: kv_heads =
 heads), head_dim 128, bf16, plus the point B=32, H=8, L=16384; points whose K alone exceeds 4 GiB are dropped.
-Each peer's median per-call time comes from replaying a CUDA graph of many calls; when one input set is under
+Each peer's median per-call time comes from replaying a CUDA graph of many calls, the peers' graphs replayed in
+turn round after round (so that a drift during a point reaches every peer alike); when one input set is under
 240 MB the calls rotate through enough distinct sets to cover >= 256 MB (at least 4), so the L2 cache (60 MB)
 holds no useful data: the numbers are cold. Every peer is optional: a peer that fails to import or to run is
 reported with the reason and the run goes on. TB/s = K+V bytes / time. Each peer is checked once against a
@@ -136,8 +137,9 @@ def build_peers(torch, F):
 # ---- timing ----------------------------------------------------------------------------------------------
 
 
-def graph_time_us(torch, calls, replays: int) -> float:
-    """Median per-call µs of a CUDA graph replaying `calls` in turn (each call already run once, eagerly)."""
+def capture_graph(torch, calls):
+    """(CUDA graph replaying `calls` in turn for >= ~3 ms of eager time, calls per replay); each call is run once
+    eagerly first, on a side stream, as capture requires."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -151,7 +153,7 @@ def graph_time_us(torch, calls, replays: int) -> float:
     end.record()
     end.synchronize()
     eager_ms = start.elapsed_time(end) / max(3, len(calls))
-    n = max(len(calls), min(2000, math.ceil(3.0 / max(eager_ms, 1e-3))))  # a replay of >= ~3 ms of eager time
+    n = max(len(calls), min(2000, math.ceil(3.0 / max(eager_ms, 1e-3))))
     n = math.ceil(n / len(calls)) * len(calls)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -159,15 +161,25 @@ def graph_time_us(torch, calls, replays: int) -> float:
             calls[i % len(calls)]()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / n)
-    del graph
-    return statistics.median(times)
+    return graph, n
+
+
+def interleaved_medians_us(torch, graphs: dict, replays: int) -> dict:
+    """name -> median per-call µs, replaying every peer's graph once per round, `replays` rounds, the order rotated
+    each round: a drift in clocks or memory state over the point's measurement then reaches every peer alike
+    (timed one peer after another, two runs of the same kernel at B=32, H=8, L=32768 differed by up to 14 %)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    names = list(graphs)
+    times = {n: [] for n in names}
+    for i in range(replays):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            graph, n = graphs[name]
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) * 1e3 / n)
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def copy_bandwidth(torch) -> tuple[float, float]:
@@ -225,6 +237,7 @@ def run_point(torch, peers, B, H, L, D, replays) -> dict:
     n_sets = 1 if set_bytes >= ROTATE_BELOW else max(4, math.ceil(ROTATE_COVER / set_bytes))
     sets = make_sets(torch, B, H, L, D, n_sets)
     row = dict(B=B, H=H, L=L, D=D, kv_bytes=set_bytes, sets=n_sets)
+    graphs = {}
     for name, make in peers.items():
         if isinstance(make, str):
             row[name] = None
@@ -235,7 +248,7 @@ def run_point(torch, peers, B, H, L, D, replays) -> dict:
             err = reference_error(torch, sets[0], out, name) if L <= 8192 else float("nan")
             if not err < 2e-2 and err == err:
                 raise RuntimeError(f"wrong result: relative error {err:.2e} against float64")
-            row[name] = graph_time_us(torch, calls, replays)
+            graphs[name] = capture_graph(torch, calls)
             row[f"{name}_err"] = err
         except Exception as e:  # noqa: BLE001 - one peer failing must not stop the others
             row[name] = None
@@ -244,7 +257,8 @@ def run_point(torch, peers, B, H, L, D, replays) -> dict:
             if os.environ.get("BENCH_TRACEBACK"):
                 traceback.print_exc()
         torch.cuda.synchronize()
-    del sets
+    row.update(interleaved_medians_us(torch, graphs, replays))
+    del graphs, sets
     torch.cuda.empty_cache()
     return row
 
@@ -287,7 +301,8 @@ def write_report(args, torch, peers, rows, skipped, copy, seconds) -> None:
         f"* date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: {device}",
         f"* versions: {versions(torch)}",
         f"* command: `{' '.join([Path(sys.executable).name, *sys.argv])}`; {seconds:.0f} s",
-        "* bf16, MHA (kv_heads = heads), head_dim %d; median per-call µs over %d replays of a graph of many calls; "
+        "* bf16, MHA (kv_heads = heads), head_dim %d; median per-call µs over %d replays of a graph of many calls, "
+        "every peer's graph replayed once per round, in rotated order; "
         "input sets rotated to cover >= 256 MB when one set is under 240 MB (cold L2); TB/s = K+V bytes / time" % (args.head_dim, args.replays),
         (f"* copy: 2 GiB device-to-device, eager, CUDA events, median of {COPY_REPS} after {COPY_WARMUP} warm-ups: "
          f"{copy[0]:.0f} µs, **{copy_tbs:.2f} TB/s** (read + write); docs/device.md measured {DOCS_COPY_TBS} TB/s "

@@ -135,10 +135,11 @@ def hopper_kernel(batch: int, heads: int, group: int, max_len: int, sms: int = _
     From the H200 tables (analysis/kernels/parallax_decode_bench.md): with B*H <= 256 query rows the Triton
     split-KV kernel (merging in its own launch) was faster than the CuTeDSL one at 24 of 26 points (5.1 vs 6.5 us at
     B=1, H=8, L=128); the two others are exactly the points where Triton's automatic split leaves each of several
-    split programs two key tiles (B=1, H=16, L=2048: 12.3 vs 11.3 us; B=8, H=8, L=512: 11.1 vs 10.4 us; the run of
-    2026-11-29 ordered them the same way), so those go to CuTeDSL. Above 256 rows CuTeDSL wins where it matters
-    (short contexts at large batch: 252 vs 297 us at B=2048, H=8, L=128) and ties elsewhere. The CuTeDSL tile
-    holds at most 8 query heads (and their probes) per KV head.
+    split programs two key tiles (B=1, H=16, L=2048: 12.3 vs 11.3 us; B=8, H=8, L=512: 11.1 vs 10.4 us; the runs
+    of 2026-11-29 and 2026-11-30, the latter timing the peers interleaved, ordered them the same way), so those go
+    to CuTeDSL. Above 256 rows CuTeDSL wins where it matters (short contexts at large batch: 252 vs 297 us at
+    B=2048, H=8, L=128) and ties elsewhere. The CuTeDSL tile holds at most 8 query heads (and their probes) per KV
+    head.
 
     The rule reads the cache capacity `max_len` (what the Triton kernel's automatic split is sized by), and a forced
     `num_splits` where given; the tables measured full caches and MHA only, so for ragged `cache_seqlens` and for

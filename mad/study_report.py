@@ -670,6 +670,15 @@ def per_arm_table(chosen: pd.DataFrame, column: str = "accuracy", digits: int = 
     return lines
 
 
+def grid_table(runs: pd.DataFrame) -> list[str]:
+    """Per arm: the learning rates and weight decays it ran (the selection chooses among these), and its runs."""
+    lines = ["| attention | optimizer | schedule | learning rates | weight decays | runs |", "|---|---|---|---|---|---|"]
+    for arm, rows in runs.groupby(ARM):
+        values = lambda col: ", ".join(f"{v:g}" for v in sorted(rows[col].unique()))  # noqa: E731
+        lines.append(f"| {' | '.join(arm)} | {values('lr')} | {values('weight_decay')} | {len(rows)} |")
+    return lines
+
+
 def markdown(runs: pd.DataFrame, chosen: pd.DataFrame, claims: list[Claim], skipped: list[str], plots: list[Path],
              runs_dir: Path, out_dir: Path) -> str:  # fmt: skip
     (profile,) = runs["profile"].unique()
@@ -695,7 +704,9 @@ def markdown(runs: pd.DataFrame, chosen: pd.DataFrame, claims: list[Claim], skip
             f"Epochs trained (the same runs): a run stops after the first epoch whose test accuracy exceeds "
             f"train.early_stop_accuracy ({stop}), so where every arm solves a setting, fewer epochs is the faster "
             "learner (but the learning rate was chosen on accuracy alone).", "",
-            *per_arm_table(chosen, "epochs_run", 1), "", "## Plots", "",
+            *per_arm_table(chosen, "epochs_run", 1), "",
+            "Learning rates and weight decays each arm ran (all settings; an arm that ran one point had no choice):",
+            "", *grid_table(runs), "", "## Plots", "",
             "Curves over training: a run that stops early keeps its last model, so its curve stays flat from its "
             "last epoch on.", ""]  # fmt: skip
     out += [f"![{p.stem}]({p.name})" for p in plots] + [""]

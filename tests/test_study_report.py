@@ -149,6 +149,8 @@ def test_report_states_scale_verdicts_and_writes_plots(tmp_path):
                                                   "gate.png", "weights.png", "advantage.png"}  # fmt: skip
     assert "| parallax | muon | cosine | 0.850 ± 0.050 (3) |" in report
     assert "| parallax | muon | cosine | 4.0 ± 0.0 (3) |" in report  # epochs trained: every record ran all 4
+    assert "| parallax | muon | cosine | 0.0001, 0.001 | 0.1 | 6 |" in report  # the grid each arm ran
+    assert "| softmax | muon | cosine | 0.001 | 0.1 | 3 |" in report
     assert (out / "selection.csv").exists()
 
 

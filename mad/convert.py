@@ -16,8 +16,8 @@ from mad.config_checks import ConfigError
 from mad.results import RECORD_NAME, WEIGHTS_NAME, read_record
 
 # Parameter-name suffixes of the correction branch, which a softmax checkpoint does not have.
-CORRECTION_PARAMS = ("r_proj.weight", "r_norm.weight", "gate_logit", "gate_proj.weight", "gate_proj.bias",
-                     "log_temperature")  # fmt: skip
+CORRECTION_PARAMS = ("r_proj.weight", "r_norm.weight", "gate_logit.weight", "gate_proj.weight", "gate_proj.bias",
+                     "log_temperature.weight")  # fmt: skip
 
 
 def load_source(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -159,7 +159,7 @@ def attention_internals(layer: nn.Module, x: torch.Tensor) -> dict[str, torch.Te
         x = x.to(compute)
         q, k, v = (t.to(compute) for t in layer.project(x))  # [B, T, H, D]
         parallax = isinstance(layer, ParallaxAttention)
-        scale = layer.logit_scale() if parallax else layer.head_dim**-0.5
+        scale = layer.logit_scale(x) if parallax else layer.head_dim**-0.5
         logit_q = q * (scale.to(compute) if isinstance(scale, torch.Tensor) else scale)
         t = x.shape[1]
         logits = torch.einsum("bihd,bjhd->bhij", logit_q, k)  # [B, H, T, T]
@@ -196,7 +196,7 @@ def _probe(layer: ParallaxAttention, x, q, k, v) -> torch.Tensor | None:
     if layer.probe == "learned":
         (r,) = layer.rotary(layer.r_norm(layer.split_heads(layer.r_proj(x))))
         return r.to(q.dtype)
-    moments = softmax_moments(q, k, v, scale=layer.logit_scale())
+    moments = softmax_moments(q, k, v, scale=layer.logit_scale(x))
     if layer.probe == "solved":
         return solve_probe(moments.second, moments.delta, ridge=layer.ridge)
     return cg_probe(moments.second, moments.delta, ridge=layer.ridge, steps=layer.cg_steps)

@@ -2,8 +2,9 @@
 
 A stack of N runs can execute as one ordinary module on a batch of N * B rows, run-major (rows n*B .. n*B+B-1 are
 run n's), if every layer that holds parameters applies each run's own slice to that run's rows. These are those
-layers for nn.Linear, nn.RMSNorm and nn.Embedding; every other layer of the MAD models (rotary, attention kernels,
-activations, the residual stream) acts per row and needs nothing. Their parameters have the stacked shapes
+layers for nn.Linear, nn.RMSNorm, nn.Embedding and our per-head HeadVector (gate logits, log-temperatures); every
+other layer of the MAD models (rotary, attention kernels, activations, the residual stream) acts per row and needs
+nothing. Their parameters have the stacked shapes
 `[N, ...]` and the names of the layer they replace, so `functional_call` feeds them the stack's tensors.
 """
 
@@ -14,6 +15,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.attention.head_vector import HeadVector
 
 
 def _per_run(x: torch.Tensor, runs: int) -> torch.Tensor:
@@ -71,12 +74,26 @@ class FoldedEmbedding(nn.Module):
         return F.embedding(tokens + offsets, self.weight.reshape(runs * vocab, width))
 
 
-FOLDED_LAYERS = {nn.Linear: FoldedLinear, nn.RMSNorm: FoldedRMSNorm, nn.Embedding: FoldedEmbedding}
+class FoldedHeadVector(nn.Module):
+    """N HeadVectors: `x [N * B, ...] -> [N * B, 1, H, 1]`, run n's rows given weight[n] (broadcasts against
+    `[N * B, T, H, D]` as one HeadVector's `[H, 1]` does against `[B, T, H, D]`)."""
+
+    def __init__(self, layer: HeadVector, runs: int) -> None:
+        super().__init__()
+        self.weight = _stacked(layer.weight, runs)  # [N, H]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        runs = self.weight.shape[0]
+        return self.weight.repeat_interleave(x.shape[0] // runs, dim=0)[:, None, :, None]
+
+
+FOLDED_LAYERS = {nn.Linear: FoldedLinear, nn.RMSNorm: FoldedRMSNorm, nn.Embedding: FoldedEmbedding,
+                 HeadVector: FoldedHeadVector}  # fmt: skip
 
 
 def fold(template: nn.Module, runs: int) -> nn.Module | None:
     """A meta-device module computing `runs` copies of `template` on a run-major batch of N * B rows, or None if
-    some parameter lives outside the layers above (e.g. a per-head gate logit): such stacks run through torch.vmap
+    some parameter lives outside the layers above (e.g. a bare nn.Parameter): such stacks run through torch.vmap
     instead. Only shapes are read from `template`; the parameters come from the stack at each call."""
     folded = copy.deepcopy(template).to("meta")
     for name, layer in list(folded.named_modules()):

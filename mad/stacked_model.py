@@ -3,11 +3,12 @@
 Each run's slice computes what its own module computes; only the kernels are shared, which is what makes many
 small MAD models fast on one GPU: a step launches the kernels of one model, each doing N runs' work. Two ways:
 
-  folded  the runs folded into the batch (N * B rows, run-major) of one module whose Linear, RMSNorm and Embedding
-          layers apply each run's slice to its rows (mad/folded_layers.py); plain tensors, so torch.compile and
-          the fused SDPA kernels see an ordinary model. Used whenever every parameter lives in such a layer.
-  vmap    torch.func.vmap over `functional_call` of one run's module: any architecture (e.g. per-head gate
-          logits), at the price of vmap's batching rules (kernels/sdpa.py, and the bias cast below).
+  folded  the runs folded into the batch (N * B rows, run-major) of one module whose Linear, RMSNorm, Embedding
+          and HeadVector layers apply each run's slice to its rows (mad/folded_layers.py); plain tensors, so
+          torch.compile and the fused SDPA kernels see an ordinary model. Used whenever every parameter lives in
+          such a layer, as in every stackable MAD architecture.
+  vmap    torch.func.vmap over `functional_call` of one run's module: any architecture (e.g. a bare
+          nn.Parameter), at the price of vmap's batching rules (kernels/sdpa.py, and the bias cast below).
 
     stacked = StackedModel([build(seed) for _ in range(N)])
     logits = stacked(tokens)          # tokens [N, B, T] -> logits [N, B, T, V]

@@ -112,7 +112,7 @@ def test_closed_gate_is_softmax(gate, probe):
     torch.manual_seed(0)
     softmax = SoftmaxAttention(32, num_heads=4)
     layer = copy_of(softmax, gate=gate, probe=probe, amplification=True)
-    logit = layer.gate_logit if gate == "scalar" else layer.gate_proj.bias
+    logit = layer.gate_logit.weight if gate == "scalar" else layer.gate_proj.bias
     with torch.no_grad():
         logit.fill_(-1e4)  # sigmoid -> 0
     x = torch.randn(2, 11, 32)
@@ -122,6 +122,19 @@ def test_closed_gate_is_softmax(gate, probe):
     assert not torch.allclose(layer(x), softmax(x), atol=1e-3)  # the correction is live once opened
 
 
+def test_checkpoints_with_bare_head_parameters_still_load():
+    """Weights written when the gate logit and log-temperature were bare parameters (`...gate_logit`) load into
+    their HeadVectors (`...gate_logit.weight`)."""
+    layer = ParallaxAttention(32, num_heads=4, gate="scalar", temperature="learned")
+    old = {k.removesuffix(".weight") if k.endswith(("gate_logit.weight", "log_temperature.weight")) else k: v
+           for k, v in layer.state_dict().items()}  # fmt: skip
+    old["gate_logit"] = torch.full((4,), 2.0)
+    assert "gate_logit" in old and "log_temperature" in old
+    fresh = ParallaxAttention(32, num_heads=4, gate="scalar", temperature="learned")
+    fresh.load_state_dict(old)  # strict
+    assert torch.equal(fresh.gate_logit.weight, torch.full((4,), 2.0))
+
+
 def test_learned_temperature_starts_at_the_fixed_scale_and_sharpens_when_lowered():
     torch.manual_seed(0)
     fixed = ParallaxAttention(32, num_heads=4)
@@ -129,7 +142,7 @@ def test_learned_temperature_starts_at_the_fixed_scale_and_sharpens_when_lowered
     x = torch.randn(2, 7, 32)
     torch.testing.assert_close(learned(x), fixed(x), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        learned.log_temperature.fill_(-1.0)
+        learned.log_temperature.weight.fill_(-1.0)
     assert not torch.allclose(learned(x), fixed(x), atol=1e-3)
 
 

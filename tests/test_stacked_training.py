@@ -68,18 +68,23 @@ def test_stacked_optimizers_step_each_run_as_torch_optim_does(name):
         assert torch.allclose(stacked[i].detach(), want, rtol=0, atol=tol), (stacked[i] - want).abs().max()
 
 
-@pytest.mark.parametrize("attention,task,strategy", [("parallax", "in_context_recall", "folded"),
-                                                     ("softmax", "compression", "folded"),
-                                                     ("parallax_gated", "in_context_recall", "vmap")])  # fmt: skip
-def test_stacked_model_forward_and_select_match_each_module(attention, task, strategy):
-    """Runs folded into the batch (Linear/RMSNorm/Embedding only) or vmapped (a per-head gate logit)."""
-    cfg = compose_cfg(f"attention={attention}", f"task={task}")
+@pytest.mark.parametrize("overrides", [("attention=parallax", "task=in_context_recall"),
+                                       ("attention=softmax", "task=compression"),
+                                       ("attention=parallax_gated", "task=in_context_recall"),
+                                       ("attention=parallax_gated", "attention.temperature=learned")])  # fmt: skip
+def test_stacked_model_forward_and_select_match_each_module(overrides):
+    """Runs folded into the batch: per-run Linear, RMSNorm, Embedding and per-head HeadVector (gate logit,
+    log-temperature) slices."""
+    cfg = compose_cfg(*overrides)
     modules = []
     for seed in range(3):
         torch.manual_seed(seed)
         modules.append(build_model(cfg))
+        for name, p in modules[-1].named_parameters():  # HeadVectors start at 0 in every run: make them differ
+            if name.endswith(("gate_logit.weight", "log_temperature.weight")):
+                torch.nn.init.normal_(p, std=0.5)
     stacked = StackedModel(modules)
-    assert stacked.strategy == strategy
+    assert stacked.strategy == "folded"
     tokens = torch.randint(0, cfg.task.vocab_size, (3, 2, cfg.task.seq_len))
     want = torch.stack([m(tokens[i]) for i, m in enumerate(modules)])
     torch.testing.assert_close(stacked(tokens), want, rtol=1e-5, atol=1e-6)
@@ -89,7 +94,7 @@ def test_stacked_model_forward_and_select_match_each_module(attention, task, str
 
 
 @pytest.mark.parametrize("attention,optimizer", [("parallax", "adamw"), ("softmax", "muon"),
-                                                 ("parallax_gated", "adamw")])  # folded, folded, vmapped
+                                                 ("parallax_gated", "adamw")])  # fmt: skip
 def test_stacked_runs_give_the_records_of_alone_runs(attention, optimizer):
     cfg = compose_cfg(f"attention={attention}", f"optimizer={optimizer}", "task.num_train_examples=256",
                       "task.num_test_examples=128")  # fmt: skip
@@ -361,10 +366,37 @@ def test_stacked_model_moves_its_shared_buffers_with_it():
     assert all(b.dtype == torch.float64 for b in stacked.buffers_of_all.values())
 
 
+class BareScale(torch.nn.Module):
+    """A parameter outside the foldable layers (a bare nn.Parameter): a stack of these runs through torch.vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 6)
+        self.scale = torch.nn.Parameter(torch.randn(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.scale
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_module_that_cannot_fold_runs_vmapped_as_each_module(autocast):
+    """vmap is the fallback for any parameter outside Linear/RMSNorm/Embedding/HeadVector; under autocast it must
+    cast linear biases as F.linear does (else q, k, v came out float32 beside a bf16 probe on the H200)."""
+    torch.manual_seed(0)
+    modules = [BareScale() for _ in range(3)]
+    stacked = StackedModel(modules)
+    assert stacked.strategy == "vmap"
+    x = torch.randn(3, 2, 5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        want = torch.stack([m(x[i]) for i, m in enumerate(modules)])
+        got = stacked(x)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2 if autocast else 1e-6, atol=2e-2 if autocast else 1e-6)
+
+
 @pytest.mark.parametrize("attention", ["softmax", "parallax", "parallax_gated", "sliding_window"])
 def test_stacked_model_under_autocast_computes_what_each_module_does(attention):
-    """Under vmap F.linear's bias escapes autocast and SDPA has no batching rule (found on the H200: float32 q, k, v
-    beside a bf16 probe; a failing memory-efficient backward): the stack must still give each run its own output."""
+    """Under bf16 autocast each run of a (folded) stack computes what its own module does, forward and backward."""
     cfg = compose_cfg(f"attention={attention}")
     modules = []
     for seed in range(3):

@@ -13,6 +13,7 @@ from torch import nn
 
 from kernels.parallax import parallax_attention
 from kernels.parallax.lla import amplification_factor, local_linear_attention, softmax_average
+from models.attention.head_vector import HeadVector, rename_bare_parameters
 from models.attention.softmax import SoftmaxAttention
 
 PROBES = ("zero", "learned", "solved", "cg")
@@ -85,25 +86,28 @@ class ParallaxAttention(SoftmaxAttention):
                 nn.init.zeros_(self.r_proj.weight)
                 self.r_proj.keep_init = True  # the backbone's weight init must not overwrite the zeros
         if temperature == "learned":
-            self.log_temperature = nn.Parameter(torch.zeros(num_heads))
+            self.log_temperature = HeadVector(num_heads)
         if gate == "scalar":
-            self.gate_logit = nn.Parameter(torch.zeros(num_heads))
+            self.gate_logit = HeadVector(num_heads)
         elif gate == "input":
             self.gate_proj = nn.Linear(dim, num_heads)
             nn.init.zeros_(self.gate_proj.weight)
             nn.init.zeros_(self.gate_proj.bias)
             self.gate_proj.keep_init = True
+        self.register_load_state_dict_pre_hook(rename_bare_parameters(("log_temperature", "gate_logit")))
 
-    def logit_scale(self) -> float | torch.Tensor:
-        """The scale of q.k: a float, or per head `[H, 1]` (broadcasts against `[B, T, H, D]`) when learned."""
+    def logit_scale(self, x: torch.Tensor) -> float | torch.Tensor:
+        """The scale of q.k for input `x [B, T, dim]`: a float, or per head `[H, 1]` (broadcasts against
+        `[B, T, H, D]`; `[B, 1, H, 1]` in a folded stack) when learned."""
         if self.temperature == "fixed":
             return self.head_dim**-0.5
-        return (self.head_dim**-0.5 * torch.exp(-self.log_temperature))[:, None]
+        return self.head_dim**-0.5 * torch.exp(-self.log_temperature(x))
 
     def gate_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        """g: None without a gate, else `[H, 1]` (scalar) or `[B, T, H, 1]` (input) from `x [B, T, dim]`."""
+        """g: None without a gate, else `[H, 1]` (scalar; `[B, 1, H, 1]` in a folded stack) or `[B, T, H, 1]` (input)
+        from `x [B, T, dim]`."""
         if self.gate == "scalar":
-            return torch.sigmoid(self.gate_logit)[:, None]
+            return torch.sigmoid(self.gate_logit(x))
         if self.gate == "input":
             return torch.sigmoid(self.gate_proj(x))[..., None]
         return None
@@ -111,7 +115,7 @@ class ParallaxAttention(SoftmaxAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x)
         if self.probe == "zero":
-            out = softmax_average(q, k, v, scale=self.logit_scale())
+            out = softmax_average(q, k, v, scale=self.logit_scale(x))
         elif self.probe == "learned":
             out = self._parallax(x, q, k, v)
         else:
@@ -121,7 +125,7 @@ class ParallaxAttention(SoftmaxAttention):
     def _parallax(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Learned probe: `[B, T, H, D]` q, k, v -> `[B, T, H, D]`, through the Parallax kernel."""
         (r,) = self.rotary(self.r_norm(self.split_heads(self.r_proj(x))))
-        scale = self.logit_scale()
+        scale = self.logit_scale(x)
         # The kernel takes a float scale, so a learned per-head scale is folded into q.
         logit_q, kernel_scale = (q, scale) if isinstance(scale, float) else (q * scale.to(q.dtype), 1.0)
         out = parallax_attention(logit_q, r, k, v, scale=kernel_scale)
@@ -145,7 +149,7 @@ class ParallaxAttention(SoftmaxAttention):
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = local_linear_attention(
                 *(t.to(compute) for t in (q, k, v)),
-                scale=self.logit_scale(),
+                scale=self.logit_scale(x),
                 probe=self.probe,
                 ridge=self.ridge,
                 cg_steps=self.cg_steps,

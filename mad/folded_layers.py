@@ -4,8 +4,8 @@ A stack of N runs can execute as one ordinary module on a batch of N * B rows, r
 run n's), if every layer that holds parameters applies each run's own slice to that run's rows. These are those
 layers for nn.Linear, nn.RMSNorm, nn.Embedding and our per-head HeadVector (gate logits, log-temperatures); every
 other layer of the MAD models (rotary, attention kernels, activations, the residual stream) acts per row and needs
-nothing. Their parameters have the stacked shapes
-`[N, ...]` and the names of the layer they replace, so `functional_call` feeds them the stack's tensors.
+nothing. Their parameters have the stacked shapes `[N, ...]` and the names of the layer they replace, so
+`functional_call` feeds them the stack's tensors.
 """
 
 from __future__ import annotations

@@ -7,15 +7,15 @@ from torch import nn
 
 
 class HeadVector(nn.Module):
-    """`weight [H]`, initialised to `value`; `forward(x)` returns it as `[H, 1]`, which broadcasts against `[B, T, H, D]`.
+    """`weight [H]`, initialised to 0; `forward(x)` returns it as `[H, 1]`, which broadcasts against `[B, T, H, D]`.
 
     A layer rather than a bare parameter so that a stack of runs folded into the batch can give each run's rows its
     own vector (mad/folded_layers.py, `FoldedHeadVector`: `[N * B, 1, H, 1]`).
     """
 
-    def __init__(self, num_heads: int, value: float = 0.0) -> None:
+    def __init__(self, num_heads: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.full((num_heads,), float(value)))
+        self.weight = nn.Parameter(torch.zeros(num_heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x`: the layer's input `[B, T, dim]`; only a folded stack reads it (which rows are which run's)."""

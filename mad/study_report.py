@@ -325,9 +325,11 @@ def _claim(key: str, claim: str, measure: str, tests: list[tuple[str, str]], not
 def ceiling_caveat(*arms: pd.DataFrame) -> str:
     """A caveat when every compared arm (accuracies per unit) has runs and all of them are at or above CEILING."""
     values = [arm["value"].dropna() for arm in arms]
-    if any(v.empty for v in values) or min(v.min() for v in values) < CEILING:
+    if any(v.empty for v in values):
         return ""
     lowest = min(v.min() for v in values)
+    if lowest < CEILING:
+        return ""
     return (f"every compared run is at the accuracy ceiling (all >= {CEILING:g}, lowest {lowest:.4f}): differences "
             "here are a few errors per thousand at most, so these settings say little about the claim either way; "
             "harder settings are needed to test it")
@@ -434,16 +436,17 @@ def _weight_claims(u: _Units) -> list[Claim]:
 
 
 def _wsd_claims(u: _Units) -> list[Claim]:
-    def accuracies(schedule: str, which: str) -> list[pd.DataFrame]:
-        return [u(attention, "muon", accuracy_at(which), schedule) for attention in ("parallax", "softmax")]
-
-    def advantage(schedule: str, which: str) -> pd.DataFrame:
-        return paired(*accuracies(schedule, which))
-
-    erosion = paired(advantage("wsd", "before_decay"), advantage("wsd", "after_decay"))
-    restored = paired(advantage("wsd+anneal", "after_decay"), advantage("wsd", "after_decay"))
-    erosion_runs = accuracies("wsd", "before_decay") + accuracies("wsd", "after_decay")
-    restored_runs = accuracies("wsd+anneal", "after_decay") + accuracies("wsd", "after_decay")
+    points = (("wsd", "before_decay"), ("wsd", "after_decay"), ("wsd+anneal", "after_decay"))
+    # [parallax, softmax] accuracy units per (schedule, epoch), and their paired difference: the advantage
+    runs = {(schedule, which): [u(attention, "muon", accuracy_at(which), schedule)
+                                for attention in ("parallax", "softmax")]
+            for schedule, which in points}  # fmt: skip
+    advantage = {point: paired(*arms) for point, arms in runs.items()}
+    before, after, annealed = points
+    erosion = paired(advantage[before], advantage[after])
+    restored = paired(advantage[annealed], advantage[after])
+    erosion_runs = runs[before] + runs[after]
+    restored_runs = runs[annealed] + runs[after]
 
     def stopped_note(schedules: tuple[str, ...]) -> list[str]:
         counts = pd.concat([u(attention, "muon", stopped_before_decay, schedule)["value"]
@@ -644,9 +647,9 @@ def describe_scale(runs: pd.DataFrame) -> list[str]:
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for task, rows in runs.groupby("task"):
         devices = ", ".join(sorted({str(d).split(" (")[0] for d in rows["device"]}))
-        values = lambda col: ", ".join(str(v) for v in sorted(rows[col].dropna().unique()))  # noqa: E731
-        lines.append(f"| {task} | {values('setting')} | {values('seq_len')} | {values('num_train_examples')} | "
-                     f"{values('epochs')} | {len(rows)} | {devices} |")  # fmt: skip
+        lines.append(f"| {task} | {_distinct(rows['setting'])} | {_distinct(rows['seq_len'])} | "
+                     f"{_distinct(rows['num_train_examples'])} | {_distinct(rows['epochs'])} | {len(rows)} | "
+                     f"{devices} |")  # fmt: skip
     return lines
 
 
@@ -672,11 +675,17 @@ def per_arm_table(chosen: pd.DataFrame, column: str = "accuracy", digits: int = 
 
 def grid_table(runs: pd.DataFrame) -> list[str]:
     """Per arm: the learning rates and weight decays it ran (the selection chooses among these), and its runs."""
-    lines = ["| attention | optimizer | schedule | learning rates | weight decays | runs |", "|---|---|---|---|---|---|"]
+    lines = ["| attention | optimizer | schedule | learning rates | weight decays | runs |",
+             "|---|---|---|---|---|---|"]
     for arm, rows in runs.groupby(ARM):
-        values = lambda col: ", ".join(f"{v:g}" for v in sorted(rows[col].unique()))  # noqa: E731
-        lines.append(f"| {' | '.join(arm)} | {values('lr')} | {values('weight_decay')} | {len(rows)} |")
+        lines.append(f"| {' | '.join(arm)} | {_distinct(rows['lr'], '{:g}')} | "
+                     f"{_distinct(rows['weight_decay'], '{:g}')} | {len(rows)} |")  # fmt: skip
     return lines
+
+
+def _distinct(values: pd.Series, fmt: str = "{}") -> str:
+    """The distinct non-missing values, sorted, each formatted with `fmt`, comma-separated."""
+    return ", ".join(fmt.format(v) for v in sorted(values.dropna().unique()))
 
 
 def markdown(runs: pd.DataFrame, chosen: pd.DataFrame, claims: list[Claim], skipped: list[str], plots: list[Path],

@@ -228,3 +228,46 @@ def test_check_script_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = (tmp_path / "parallax_triton_check.md").read_text()
     assert "| all |" in report and "FAIL" not in report
+
+
+def test_fp16_dots_only_where_values_fit_fp16(tri):
+    """The forward's one-dot fp16 path is chosen per (sequence, KV head) only where V and the probe scores fit."""
+    (q, r, k, v), _ = make_inputs(4, 9, 4, 2, 16, torch.float32)
+    v[1] *= 1e6  # beyond fp16's range
+    v[2] *= 1e-4  # into fp16's subnormals
+    r[3, :, 3] *= 3000.0  # one query head's probe scores beyond fp16's range: its whole KV head (1 of 2) splits
+    expected = torch.tensor([[True, True], [False, False], [False, False], [True, False]])
+    assert torch.equal(tri.fp16_pv_ok(r, k, v), expected)
+    assert torch.equal(tri.fp16_pv_ok(r[:, :5], k, v), expected)  # fewer queries than keys
+
+
+def test_range_parts_are_the_maxima_over_every_slice(tri):
+    """The partial maxima the fp16 choice is made from cover every token row once, at lengths around the slices."""
+    for T in (1, 31, 33, 200):
+        (q, r, k, v), _ = make_inputs(2, T, 6, 2, 8, torch.float32, seed=T)
+        parts = tri.range_parts(r, k, v).amax(1).view(2, 2, 3)
+        torch.testing.assert_close(parts[..., 0], v.abs().amax(dim=(1, 3)))
+        torch.testing.assert_close(parts[..., 1], k.pow(2).sum(3).amax(1))
+        torch.testing.assert_close(parts[..., 2], r.pow(2).sum(3).amax(1).view(2, 2, 3).amax(2))
+
+
+def test_pv_mode_by_dtype_and_length(tri):
+    """fp32: plain dots; fp16: one fp16 dot; bf16: split below FP16_CHECK_MIN_LEN tokens, chosen per program above."""
+    n = tri.FP16_CHECK_MIN_LEN
+    assert tri.pv_mode(torch.float32, n, n) == tri.PV_PLAIN.value
+    assert tri.pv_mode(torch.float16, 5, 5) == tri.PV_FP16.value
+    assert tri.pv_mode(torch.bfloat16, n - 1, n - 1) == tri.PV_SPLIT.value
+    assert tri.pv_mode(torch.bfloat16, 1, n) == tri.pv_mode(torch.bfloat16, n, n) == tri.PV_CHOOSE.value
+
+
+def test_fp16_and_split_paths_in_one_launch(tri, poisoned_empty):
+    """PV_CHOOSE (bf16 inputs' mode, run here in fp16: the interpreter is wrong in bf16) with sequences on the fp16
+    path and on the split path side by side, each matching the reference on its own."""
+    (q, r, k, v), g = make_inputs(2, 37, 2, 1, 16, torch.float16, seed=3)
+    v[1] *= 2e-3  # below the fp16 path's range: sequence 1 takes the split path
+    assert tri.fp16_pv_ok(r, k, v).flatten().tolist() == [True, False]
+    out, _, _ = tri.parallax_fwd(q, r, k, v, 16**-0.5, pv=tri.PV_CHOOSE.value)
+    ref = reference_attention(q.double(), r.double(), k.double(), v.double())
+    for b in range(2):
+        assert not torch.isnan(out[b]).any()
+        assert rel_err(out[b], ref[b], 0.0) < TOL[torch.float16], b

@@ -21,9 +21,14 @@ backward's own p, u, a shows up as an error t * mu_k in dq. The dq kernel theref
 over the keys from the same p, u and a it then uses (three extra dots per tile), instead of from the rounded forward
 output; it stores them for the dk/dv kernel. Nothing [B, T, H, D]-sized is saved beyond the inputs.
 
-For 16-bit inputs the forward's P V and (P*U) V dots take P and P*U as a bf16/fp16 pair hi + lo (two dots each):
-v_bar (1 + u_bar) - OR cancels when the probe scores are large, and one 16-bit rounding of P*U alone put max-norm
-errors of ~1e-2 into o (docs: analysis/kernels/parallax_triton_check.md).
+For 16-bit inputs the forward's P V and (P*U) V dots need more than bf16's 8 bits of P and P*U: v_bar (1 + u_bar) - OR
+cancels when the probe scores are large, and one bf16 rounding of P*U put max-norm errors of ~1e-2 into o
+(analysis/kernels/parallax_triton_check.md). fp16 inputs take each as ONE fp16 dot (11 bits of P). bf16 inputs of
+FP16_CHECK_MIN_LEN tokens or more do the same where V and the probe scores lie inside fp16's range (`fp16_pv_ok`: per
+sequence and KV head, from maxima one small kernel gathers before the forward; V's bf16 values convert exactly), and
+elsewhere, as shorter bf16 inputs always (where the forward is bound by launches, not dots), split P and P*U into a
+bf16 pair hi + lo, two dots each. A float64 emulation of both put their worst error at the same 3e-3 (the final 16-bit
+rounding of o) over random shapes with probes up to 8x RMS scale.
 
 Layout `[B, T, H, D]` (contiguous; the wrapper copies other strides). Causal masks are end-aligned: query i sees
 key j iff j <= i + (T_k - T_q). Only tiles that cross the diagonal or a ragged edge apply a mask. Head dims 8..128
@@ -40,6 +45,7 @@ import triton
 import triton.language as tl
 
 from kernels.batching import fold_vmapped
+from kernels.parallax.decode import num_sms
 from kernels.parallax import triton_ops
 
 # Whether the kernels below were built for Triton's CPU interpreter: read once, when this module is imported,
@@ -148,19 +154,33 @@ def _load_kv_edge_tile(k_base, v_base, kv_tile, offs_n, T_k, d_ok):
     return tl.load(k_base + kv_tile, mask=kv_mask, other=0.0), tl.load(v_base + kv_tile, mask=kv_mask, other=0.0)
 
 
+# How the forward takes its P V and (P*U) V dots (module docstring, `pv_mode`): in the input precision (fp32), as one
+# fp16 dot each, with P and P*U split into a 16-bit pair hi + lo (two dots each), or CHOOSE: per program, FP16 where
+# `_fp16_fits` says the KV head's values and probe scores fit fp16, else SPLIT.
+PV_PLAIN: tl.constexpr = tl.constexpr(0)
+PV_FP16: tl.constexpr = tl.constexpr(1)
+PV_SPLIT: tl.constexpr = tl.constexpr(2)
+PV_CHOOSE: tl.constexpr = tl.constexpr(3)
+FP16_CHECK_MIN_LEN = 2048  # bf16 inputs this long (queries or keys) take PV_CHOOSE, shorter ones PV_SPLIT
+
+
 @triton.jit
-def _dot_split(x, y, acc, PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """acc + x @ y for fp32 x and 16-bit y: x rounded once to y's dtype, or (SPLIT) as hi + lo, ~16 bits of x."""
-    x_hi = x.to(y.dtype)
-    acc = tl.dot(x_hi, y, acc, input_precision=PREC)
-    if SPLIT:
-        acc = tl.dot((x - x_hi.to(tl.float32)).to(y.dtype), y, acc, input_precision=PREC)
+def _pv_dot(x, v, acc, PREC: tl.constexpr, PV: tl.constexpr):
+    """acc + x @ v for fp32 x `[BM, BN]` and a V tile `[BN, BD]`, in the way PV says."""
+    if PV == PV_PLAIN:
+        acc = tl.dot(x.to(v.dtype), v, acc, input_precision=PREC)
+    elif PV == PV_FP16:  # fp16 keeps 3 more mantissa bits of P than bf16; V's bf16 values convert exactly
+        acc = tl.dot(x.to(tl.float16), v.to(tl.float16), acc)
+    else:
+        x_hi = x.to(v.dtype)
+        acc = tl.dot(x_hi, v, acc, input_precision=PREC)
+        acc = tl.dot((x - x_hi.to(tl.float32)).to(v.dtype), v, acc, input_precision=PREC)
     return acc
 
 
 @triton.jit
 def _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m, offs_n, causal_off, T_k, qk_scale2,
-              MASK: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+              MASK: tl.constexpr, PREC: tl.constexpr, PV: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2  # [BM, BN] logits in base 2
     u = tl.dot(r, tl.trans(k), input_precision=PREC) - u_shift[:, None]  # [BM, BN] probe scores, unscaled
     if MASK:
@@ -173,50 +193,17 @@ def _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m, offs_n,
     pu = p * u
     l_i = l_i * alpha + tl.sum(p, 1)
     r_i = r_i * alpha + tl.sum(pu, 1)
-    acc_o = _dot_split(p, v, acc_o * alpha[:, None], PREC, SPLIT)
-    acc_or = _dot_split(pu, v, acc_or * alpha[:, None], PREC, SPLIT)
+    acc_o = _pv_dot(p, v, acc_o * alpha[:, None], PREC, PV)
+    acc_or = _pv_dot(pu, v, acc_or * alpha[:, None], PREC, PV)
     return m_new, l_i, r_i, acc_o, acc_or
 
 
-@_tuned("fwd")
-@triton.jit(do_not_specialize=["T_q", "T_k", "TUNE_KEY", "H", "GROUP"])
-def _fwd_kernel(Q, R, K, V, O, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
-                H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    SPLIT: tl.constexpr = Q.dtype.element_ty != tl.float32
-    H_KV = H // GROUP
-    Q_ROW = H * HEAD_DIM  # elements between consecutive tokens of q, r, o, v_bar
-    KV_ROW = H_KV * HEAD_DIM
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest (last) query tiles launch first
-    b = pid_bh // H
-    h = pid_bh % H
-    causal_off = T_k - T_q
-    m0 = pid_m * BLOCK_M
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+@triton.jit
+def _fwd_sweep(q, r, k_base, v_base, kv_tile, d_ok, u_shift, offs_m, m0, causal_off, T_k, qk_scale2, KV_ROW,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+               PREC: tl.constexpr, PV: tl.constexpr):
+    """One query tile's pass over its visible K/V tiles; returns the fp32 state (m, l, R, O, OR)."""
     arange_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < T_q
-    q_off = (b.to(tl.int64) * T_q + m0) * Q_ROW + h * HEAD_DIM + tl.arange(0, BLOCK_M)[:, None] * Q_ROW + offs_d[None, :]
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-    r = tl.load(R + q_off, mask=q_mask, other=0.0)
-
-    # Scalar base pointers advanced per tile plus one int32 tile of offsets: cheaper in registers than
-    # loop-carried [BLOCK_N, BLOCK_D] pointer tensors.
-    kv_tile = arange_n[:, None] * KV_ROW + offs_d[None, :]
-    kv_start = b.to(tl.int64) * T_k * KV_ROW + (h // GROUP) * HEAD_DIM
-    k_base = K + kv_start
-    v_base = V + kv_start
-
-    # o is invariant to a per-row shift of u. Shifting by u at the row's own (diagonal) key stops
-    # v_bar (1 + u_bar) - OR from cancelling badly when a row's u are large but alike (few keys, large r).
-    diag = (offs_m + causal_off).to(tl.int64)
-    k_diag = tl.load(K + kv_start + diag[:, None] * KV_ROW + offs_d[None, :], mask=q_mask, other=0.0)
-    u_shift = tl.sum(r.to(tl.float32) * k_diag.to(tl.float32), 1)
-
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row gives alpha = P = 0, never NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -228,7 +215,7 @@ def _fwd_kernel(Q, R, K, V, O, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
     for start_n in range(0, n_full, BLOCK_N):
         k, v = _load_kv_tile(k_base, v_base, kv_tile, d_ok, BLOCK_D != HEAD_DIM)
         m_i, l_i, r_i, acc_o, acc_or = _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m,
-                                                 start_n + arange_n, causal_off, T_k, qk_scale2, False, PREC, SPLIT)
+                                                 start_n + arange_n, causal_off, T_k, qk_scale2, False, PREC, PV)
         k_base += BLOCK_N * KV_ROW
         v_base += BLOCK_N * KV_ROW
     # Tiles crossing the diagonal or the end of the keys.
@@ -237,9 +224,119 @@ def _fwd_kernel(Q, R, K, V, O, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
         offs_n = start_n + arange_n
         k, v = _load_kv_edge_tile(k_base, v_base, kv_tile, offs_n, T_k, d_ok)
         m_i, l_i, r_i, acc_o, acc_or = _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m, offs_n,
-                                                 causal_off, T_k, qk_scale2, True, PREC, SPLIT)
+                                                 causal_off, T_k, qk_scale2, True, PREC, PV)
         k_base += BLOCK_N * KV_ROW
         v_base += BLOCK_N * KV_ROW
+    return m_i, l_i, r_i, acc_o, acc_or
+
+
+# fp16 dots in the forward need V (whose bf16 values convert exactly inside fp16's normal range) and P*U (|u - u_diag|
+# <= 2 |r| max_j |k_j|) well inside fp16's range, V not so small that fp16's subnormals round it: a margin of 2x
+# below fp16's largest value (65504) and 2^-6 (absolute rounding 2^-25 relative to it) at the bottom.
+FP16_V_MIN: tl.constexpr = tl.constexpr(2.0**-6)
+FP16_V_MAX: tl.constexpr = tl.constexpr(2.0**15)
+FP16_PU_MAX: tl.constexpr = tl.constexpr(2.0**15)
+RANGE_PARTS_MAX: tl.constexpr = tl.constexpr(64)  # partial maxima per (sequence, KV head), as many as the GPU needs to stream r, k, v at speed
+
+
+@triton.jit
+def _range_kernel(R, K, V, PARTS, T_q, T_k, H, GROUP, rows_per_part,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Program (b * H_kv + hk, part): over its `rows_per_part` token rows, max |v|, max |k|^2 and max |r|^2 over the
+    GROUP query heads of KV head hk; stored at PARTS[b * H_kv + hk, part, 0:3] (fp32). Rows past the end read 0."""
+    H_KV = H // GROUP
+    pid, part = tl.program_id(0), tl.program_id(1)
+    b, hk = pid // H_KV, pid % H_KV
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    v_max = tl.zeros([BLOCK_T], dtype=tl.float32)
+    k_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    r_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    first = part * rows_per_part
+    for t0 in range(first, first + rows_per_part, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        kv_ok = (t < T_k)[:, None] & d_ok[None, :]
+        kv_off = (b.to(tl.int64) * T_k + t[:, None]) * (H_KV * HEAD_DIM) + hk * HEAD_DIM + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=kv_ok, other=0.0).to(tl.float32)
+        v = tl.load(V + kv_off, mask=kv_ok, other=0.0).to(tl.float32)
+        v_max = tl.maximum(v_max, tl.max(tl.abs(v), 1))
+        k_sq = tl.maximum(k_sq, tl.sum(k * k, 1))
+        r_ok = (t < T_q)[:, None] & d_ok[None, :]
+        for g in range(GROUP):
+            r_off = (b.to(tl.int64) * T_q + t[:, None]) * (H * HEAD_DIM) + (hk * GROUP + g) * HEAD_DIM + offs_d[None, :]
+            r = tl.load(R + r_off, mask=r_ok, other=0.0).to(tl.float32)
+            r_sq = tl.maximum(r_sq, tl.sum(r * r, 1))
+    out = PARTS + (pid.to(tl.int64) * tl.num_programs(1) + part) * 3
+    tl.store(out, tl.max(v_max, 0))
+    tl.store(out + 1, tl.max(k_sq, 0))
+    tl.store(out + 2, tl.max(r_sq, 0))
+
+
+@triton.jit
+def _fp16_fits(PARTS, pid_kv, n_parts):
+    """Whether the forward may take P V and (P*U) V as single fp16 dots for KV head row pid_kv of PARTS."""
+    offs = tl.arange(0, RANGE_PARTS_MAX)
+    ok = offs < n_parts
+    base = PARTS + (pid_kv.to(tl.int64) * n_parts + offs) * 3
+    v_max = tl.max(tl.load(base, mask=ok, other=0.0), 0)
+    k_sq = tl.max(tl.load(base + 1, mask=ok, other=0.0), 0)
+    r_sq = tl.max(tl.load(base + 2, mask=ok, other=0.0), 0)
+    return (v_max >= FP16_V_MIN) & (v_max <= FP16_V_MAX) & (4.0 * r_sq * k_sq <= FP16_PU_MAX * FP16_PU_MAX)
+
+
+@_tuned("fwd")
+@triton.jit(do_not_specialize=["T_q", "T_k", "TUNE_KEY", "H", "GROUP"])
+def _fwd_kernel(Q, R, K, V, RANGE_PARTS, n_parts, O, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
+                H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                PREC: tl.constexpr, PV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """RANGE_PARTS, n_parts: `range_parts`' output and its parts per row, read only when PV is PV_CHOOSE."""
+    H_KV = H // GROUP
+    Q_ROW = H * HEAD_DIM  # elements between consecutive tokens of q, r, o, v_bar
+    KV_ROW = H_KV * HEAD_DIM
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest (last) query tiles launch first
+    b = pid_bh // H
+    h = pid_bh % H
+    causal_off = T_k - T_q
+    m0 = pid_m * BLOCK_M
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < T_q
+    q_off = (b.to(tl.int64) * T_q + m0) * Q_ROW + h * HEAD_DIM + tl.arange(0, BLOCK_M)[:, None] * Q_ROW + offs_d[None, :]
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+    r = tl.load(R + q_off, mask=q_mask, other=0.0)
+
+    # Scalar base pointers advanced per tile plus one int32 tile of offsets: cheaper in registers than
+    # loop-carried [BLOCK_N, BLOCK_D] pointer tensors.
+    kv_tile = tl.arange(0, BLOCK_N)[:, None] * KV_ROW + offs_d[None, :]
+    kv_start = b.to(tl.int64) * T_k * KV_ROW + (h // GROUP) * HEAD_DIM
+    k_base = K + kv_start
+    v_base = V + kv_start
+
+    # o is invariant to a per-row shift of u. Shifting by u at the row's own (diagonal) key stops
+    # v_bar (1 + u_bar) - OR from cancelling badly when a row's u are large but alike (few keys, large r).
+    diag = (offs_m + causal_off).to(tl.int64)
+    k_diag = tl.load(K + kv_start + diag[:, None] * KV_ROW + offs_d[None, :], mask=q_mask, other=0.0)
+    u_shift = tl.sum(r.to(tl.float32) * k_diag.to(tl.float32), 1)
+
+    # PV_CHOOSE's branch is uniform per program and outside the loops, so each loop body stays branch-free; the
+    # other modes compile one sweep only (two pipelined sweeps in one kernel can exceed shared memory).
+    if PV == PV_CHOOSE:
+        if _fp16_fits(RANGE_PARTS, b * H_KV + h // GROUP, n_parts):
+            m_i, l_i, r_i, acc_o, acc_or = _fwd_sweep(q, r, k_base, v_base, kv_tile, d_ok, u_shift, offs_m, m0,
+                                                      causal_off, T_k, qk_scale2, KV_ROW, BLOCK_M, BLOCK_N, BLOCK_D,
+                                                      HEAD_DIM, PREC, PV_FP16)  # fmt: skip
+        else:
+            m_i, l_i, r_i, acc_o, acc_or = _fwd_sweep(q, r, k_base, v_base, kv_tile, d_ok, u_shift, offs_m, m0,
+                                                      causal_off, T_k, qk_scale2, KV_ROW, BLOCK_M, BLOCK_N, BLOCK_D,
+                                                      HEAD_DIM, PREC, PV_SPLIT)  # fmt: skip
+    else:
+        m_i, l_i, r_i, acc_o, acc_or = _fwd_sweep(q, r, k_base, v_base, kv_tile, d_ok, u_shift, offs_m, m0, causal_off,
+                                                  T_k, qk_scale2, KV_ROW, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, PREC,
+                                                  PV)  # fmt: skip
 
     inv_l = 1.0 / l_i
     v_bar = acc_o * inv_l[:, None]
@@ -520,8 +617,45 @@ def _meta(q: torch.Tensor, k: torch.Tensor) -> dict:
     )
 
 
-def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None):
-    """Forward. Inputs contiguous `[B, T, H, D]` (k, v: `[B, T_k, H_kv, D]`).
+def range_parts(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Partial maxima that decide the forward's fp16 path: `[B * H_kv, parts, 3]` fp32 holding max |v|, max |k|^2
+    and max |r|^2 (over the KV head's query heads) per slice of the tokens; one launch, no host sync.
+
+    r `[B, T_q, H, D]`; k, v `[B, T_k, H_kv, D]`, contiguous.
+    """
+    B, T_q, H, D = r.shape
+    T_k, H_kv = k.shape[1], k.shape[2]
+    block_t = 32
+    wanted = triton.cdiv(4 * num_sms(r.device), B * H_kv)  # enough programs to stream r, k, v at bandwidth
+    parts = max(1, min(RANGE_PARTS_MAX.value, wanted, triton.cdiv(max(T_q, T_k), block_t)))
+    rows_per_part = triton.cdiv(triton.cdiv(max(T_q, T_k), parts), block_t) * block_t
+    out = torch.empty(B * H_kv, parts, 3, device=r.device, dtype=torch.float32)
+    _range_kernel[(B * H_kv, parts)](r, k, v, out, T_q, T_k, H, H // H_kv, rows_per_part,
+                                     HEAD_DIM=D, BLOCK_D=max(16, D), BLOCK_T=block_t, num_warps=4)  # fmt: skip
+    return out
+
+
+def fp16_pv_ok(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`[B, H_kv]` bool: where the forward takes P V and (P*U) V as single fp16 dots (else hi + lo splits), as
+    `_fp16_fits` decides in the kernel from `range_parts`. For tests and for users asking which path an input takes."""
+    parts = range_parts(*(x.contiguous() for x in (r, k, v))).amax(1)  # [B * H_kv, 3]
+    v_max, k_sq, r_sq = parts.unbind(1)
+    ok = (v_max >= FP16_V_MIN.value) & (v_max <= FP16_V_MAX.value) & (4 * r_sq * k_sq <= FP16_PU_MAX.value**2)
+    return ok.view(r.shape[0], k.shape[2])
+
+
+def pv_mode(dtype: torch.dtype, T_q: int, T_k: int) -> int:
+    """How the forward takes its P V and (P*U) V dots for inputs of `dtype` (the PV_* constants above)."""
+    if dtype == torch.float32:
+        return PV_PLAIN.value
+    if dtype == torch.float16:
+        return PV_FP16.value
+    return PV_CHOOSE.value if max(T_q, T_k) >= FP16_CHECK_MIN_LEN else PV_SPLIT.value
+
+
+def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None, pv: int | None = None):
+    """Forward. Inputs contiguous `[B, T, H, D]` (k, v: `[B, T_k, H_kv, D]`); `pv` overrides `pv_mode` (tests:
+    the interpreter cannot run bf16, so PV_CHOOSE is tested with fp16 inputs).
 
     Returns `(o, lse2, u_bar)`: o `[B, T_q, H, D]` in the input dtype; lse2 (= m + log2 l, in base-2 units of the
     logits c*log2(e)*q.k) and u_bar `[B, H, T_q]` fp32.
@@ -532,8 +666,11 @@ def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None)
     lse2 = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     u_bar = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     grid = lambda meta: (B * H, triton.cdiv(T_q, meta["BLOCK_M"]))  # noqa: E731
-    args = (q, r, k, v, o, lse2, u_bar, scale * _LOG2E, T_q, T_k, _tune_key(T_q, B * H))
-    _launch(_fwd_kernel, grid, args, _meta(q, k), (configs or {}).get("fwd"))
+    pv = pv_mode(q.dtype, T_q, T_k) if pv is None else pv
+    parts = range_parts(r, k, v) if pv == PV_CHOOSE.value else lse2  # lse2: a pointer the kernel then never reads
+    n_parts = parts.shape[1] if pv == PV_CHOOSE.value else 0
+    args = (q, r, k, v, parts, n_parts, o, lse2, u_bar, scale * _LOG2E, T_q, T_k, _tune_key(T_q, B * H))
+    _launch(_fwd_kernel, grid, args, _meta(q, k) | {"PV": pv}, (configs or {}).get("fwd"))
     return o, lse2, u_bar
 
 

@@ -129,14 +129,38 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
                 splits[plan.cfg.seed] = load_splits(plan.cfg, plan.resolved)
         runs = [StackedRun(model, plan.resolved["optimizer"], *splits[plan.cfg.seed], seed=plan.cfg.seed)
                 for model, plan in zip(models, plans)]  # fmt: skip
+        heartbeat = None if first.cfg.progress else Heartbeat(first.run_dir.parent, len(plans), first.cfg.train.epochs)
         train_stacked(runs, first.resolved["train"]["schedule"], loop_config(first.cfg, device),
-                      options=options.for_device(device), on_finish=write)  # fmt: skip
+                      options=options.for_device(device), on_finish=write, on_epoch=heartbeat)  # fmt: skip
     except Exception as e:
         for index, (plan, record) in enumerate(zip(plans, records)):
             if index not in written:
                 fail_record(record, e, plan.run_dir, time.perf_counter() - started)
         raise GroupFailed(f"{type(e).__name__}: {e}", {i: records[i] for i in written}) from e
     return records
+
+
+class Heartbeat:
+    """A stack's progress as one log line at most every `every_s` seconds (and after its first epoch), for sweeps
+    without progress bars (`progress=false`: logs, clusters, device calls with a deadline), so that a log shows how
+    far a stack got and how long its epochs take:
+
+        stack /home/me/mad/runs/sweeps/mad/in_context_recall__baseline/softmax-adamw: epoch 40/200, 6 of 6 runs
+        training, 0.61 s per epoch
+    """
+
+    def __init__(self, label: Path, runs: int, epochs: int, every_s: float = 60.0) -> None:
+        self.label, self.runs, self.epochs, self.every_s = label, runs, epochs, every_s
+        self.last: float | None = None
+        self.console = Console(soft_wrap=True)
+
+    def __call__(self, epoch: int, runs_left: int, seconds: float) -> None:
+        now = time.perf_counter()
+        if self.last is not None and now - self.last < self.every_s:
+            return
+        self.last = now
+        self.console.print(f"stack {self.label}: epoch {epoch}/{self.epochs}, {runs_left} of {self.runs} runs "
+                           f"training, {seconds:.2f} s per epoch", highlight=False)  # fmt: skip
 
 
 class GroupFailed(Exception):

@@ -252,11 +252,13 @@ def per_run_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, options: StepOptions = StepOptions(),
-                  on_finish: Callable[[int, StackedOutcome], None] | None = None) -> list[StackedOutcome]:  # fmt: skip
+                  on_finish: Callable[[int, StackedOutcome], None] | None = None,
+                  on_epoch: Callable[[int, int, float], None] | None = None) -> list[StackedOutcome]:  # fmt: skip
     """Train every run of the group; returns, per run in order, what `mad.train.train` would return for it alone,
     with its final weights. `cfg.seed` is not used: each run's own seed orders its data. `on_finish(index, outcome)`
     is called as each run leaves the stack (its result is final then), so that it can be recorded at once: a stack
-    stopped later still keeps the runs that finished before."""
+    stopped later still keeps the runs that finished before. `on_epoch(epoch, runs_left, seconds)` follows every
+    epoch: the runs still training after it and the epoch's seconds, training, evaluation and diagnostics."""
     check_group(runs)
     device = cfg.device
     data = StackedData(runs, device)
@@ -305,6 +307,8 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
                 outcomes[active[pos]] = StackedOutcome(results[active[pos]], _weights(stacked, pos, scratch))
                 if on_finish is not None:
                     on_finish(active[pos], outcomes[active[pos]])
+            if on_epoch is not None:
+                on_epoch(epoch, len(active) - len(finished), time.perf_counter() - started)
             if finished:
                 active = [run for pos, run in enumerate(active) if pos not in finished]
                 if not active:

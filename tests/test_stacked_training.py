@@ -185,6 +185,7 @@ def test_stacked_launcher_sweep_writes_alone_format_records_and_resumes(cli, tmp
     assert len(records) == 4 and {r["status"] for r in records} == {"ok"} and {r["stacked_runs"] for r in records} == {4}
     assert sorted((r["lr"], r["seed"]) for r in records) == [(1e-3, 1), (1e-3, 2), (5e-3, 1), (5e-3, 2)]
     assert all((p.parent / ".hydra" / "config.yaml").exists() for p in (tmp_path / "sweep").rglob("result.json"))
+    assert "epoch 1/1, 0 of 4 runs training" in proc.stdout  # the heartbeat of progress=false
     again = cli(args)
     assert again.returncode == 0 and "4 runs: 4 already finished" in again.stdout
 

@@ -231,12 +231,12 @@ def test_a_group_failing_after_a_run_left_keeps_that_runs_record(tmp_path, monke
         plans.append(RunPlan(cfg, validate(cfg, run_dir)[0], run_dir, "softmax", REPO))
     real = stacked_run.train_stacked
 
-    def breaks_after_the_first_run_left(runs, schedule, cfg, *, options, on_finish):
+    def breaks_after_the_first_run_left(runs, schedule, cfg, *, on_finish, **kwargs):
         def first_then_fail(index, outcome):
             on_finish(index, outcome)
             raise RuntimeError("the stack broke")
 
-        return real(runs, schedule, cfg, options=options, on_finish=first_then_fail)
+        return real(runs, schedule, cfg, on_finish=first_then_fail, **kwargs)
 
     monkeypatch.setattr(stacked_run, "train_stacked", breaks_after_the_first_run_left)
     with pytest.raises(stacked_run.GroupFailed, match="RuntimeError: the stack broke") as failed:

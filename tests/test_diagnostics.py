@@ -193,3 +193,18 @@ def test_diagnostics_on_and_off_train_bit_identically(cli, tmp_path):
     weights = [torch.load(tmp_path / f"run_{f}" / "model.pt") for f in ("true", "false")]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert records_under(tmp_path / "run_true")[0]["history"]["diagnostics"][-1]["layers"][2]["gate_mean"] > 0
+
+
+def test_diagnostics_profile_script_runs_on_cpu(tmp_path):
+    """benchmarks/profile_diagnostics.py, which times the diagnostics on the GPU, runs end to end (CPU: a script test)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "benchmarks/profile_diagnostics.py", "--attentions", "parallax", "--seq-len",
+                           "16", "--batch", "4", "--top", "3", "--out", str(tmp_path)], cwd=repo, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "diagnostics_profile.md").read_text()
+    assert "## parallax:" in report and "not a measurement" in report and "aten::" in report

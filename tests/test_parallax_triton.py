@@ -230,6 +230,13 @@ def test_check_script_cpu_smoke(tmp_path):
     assert "| all |" in report and "FAIL" not in report
 
 
+def test_forward_tuning_script_cpu_smoke(tmp_path):
+    proc = _script("benchmarks/tune_parallax_fwd.py", "--cpu-smoke", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = (tmp_path / "parallax_fwd_tune.md").read_text()
+    assert "| ours fp16 |" in report and "| ours choose |" in report and "Error" not in report
+
+
 def test_fp16_dots_only_where_values_fit_fp16(tri):
     """The forward's one-dot fp16 path is chosen per (sequence, KV head) only where V and the probe scores fit."""
     (q, r, k, v), _ = make_inputs(4, 9, 4, 2, 16, torch.float32)

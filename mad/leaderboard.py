@@ -29,6 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mad import plots
+from mad.published import comparison_lines
 from mad.records import GRID, canonical, load_records
 from mad.results import RECORD_NAME, STATUSES
 from mad.tasks import TASKS
@@ -58,7 +59,8 @@ class Leaderboard:
 
     board: one row per architecture (attention, optimizer, the six task scores, average, counts, notes).
     settings: one row per architecture x setting (best accuracy, its lr and wd, run counts).
-    partial: bool, same index as ``board``, columns the tasks: True where a task score misses some settings.
+    partial: bool, one row per row of ``board`` in its order (indexed by attention, optimizer), columns the tasks:
+        True where a task score misses some settings.
     gaps: Muon minus AdamW scores (index: attention label, columns SCORE_COLUMNS); empty if no pair exists.
     """
 
@@ -366,6 +368,11 @@ def _markdown(lb: Leaderboard, plot_note: str) -> str:
     lines += ["", "## Notes", ""]
     for row, note in zip(lb.board.itertuples(), lb.shown_notes):
         lines.append(f"- **{row.attention} + {row.optimizer}**: {note or 'complete'}")
+    published = comparison_lines(lb.board, lb.partial) if lb.profile == FULL_PROFILE else []
+    if published:
+        lines += ["", "## Against the published Transformer", "",
+                  "MAD's Transformer baseline as published (docs/mad-protocol.md section 4; both trained with AdamW):", "",
+                  *published]  # fmt: skip
     if len(lb.ignored):
         lines += ["", "## Ignored files", ""] + [f"- {line}" for line in _reason_lines(lb.ignored, lb.runs_dir)]
     return "\n".join([*lines, "", "## Plots", "", f"- {plot_note}", ""])

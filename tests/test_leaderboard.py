@@ -302,3 +302,27 @@ def test_cli(runs, tmp_path):
     assert bad.returncode != 0 and "no valid run record" in bad.stderr
     default = run_cli([str(runs.root)], cwd=tmp_path, module="mad.leaderboard", timeout=120)
     assert default.returncode == 0 and (tmp_path / "analysis" / "runs" / "leaderboard.csv").exists()
+
+
+def test_softmax_rows_are_set_beside_the_published_transformer(runs, tmp_path):
+    # Every setting at 0.5 except one memorization setting left out: memorization and the average are partial, so
+    # they are starred and never differenced; every other task is compared with both published rows.
+    runs.full_grid(skip={("memorization", 2)})
+    runs.add(task="in_context_recall", attention="parallax", accuracy=0.9)  # not softmax: not in the comparison
+    leaderboard(runs, tmp_path)
+    text = (tmp_path / "out" / "leaderboard.md").read_text()
+    section = text.split("## Against the published Transformer")[1].split("## ")[0]
+    assert "| ours: softmax + adamw | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500\\* | 0.500\\* |" in section
+    assert "| MAD paper (Poli et al. 2024) | 0.941 | 0.868 | 0.298 | 0.996 | 0.516 | 0.852 | 0.745 |" in section
+    assert "parallax" not in section
+    paper = next(line for line in section.splitlines() if "minus the MAD paper" in line)
+    assert "in_context_recall -0.441" in paper and "fuzzy_in_context_recall +0.202" in paper
+    assert "memorization" not in paper and "average" not in paper
+    rerun = next(line for line in section.splitlines() if "minus the independent re-run" in line)
+    assert "compression +0.068" in rerun
+
+
+def test_no_published_comparison_outside_the_full_protocol(runs, tmp_path):
+    runs.add(task="in_context_recall", profile="smoke")
+    leaderboard(runs, tmp_path)
+    assert "published Transformer" not in (tmp_path / "out" / "leaderboard.md").read_text()

@@ -1,0 +1,67 @@
+"""Published MAD scores of the Transformer baseline, and our softmax rows set beside them.
+
+The numbers are docs/mad-protocol.md section 4's (tables a and e), in [0, 1], six tasks:
+
+- the MAD paper's Transformer (Poli et al. 2024, as reproduced in the DeltaNet paper's MAD table): average 0.745;
+- an independent re-run of the mad-lab code with 4 layers of width 128 (github.com/HassanJbara/lin-attn-bench, branch
+  `mad`): average 0.764.
+
+Only a leaderboard of the full protocol is comparable with them (mad/leaderboard.py says which one is), and both were
+trained with AdamW: Muon rows differ in the optimizer too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from mad.tasks import TASKS
+
+PUBLISHED_TRANSFORMER: dict[str, dict[str, float]] = {
+    "MAD paper (Poli et al. 2024)": {
+        "in_context_recall": 0.941, "noisy_in_context_recall": 0.868, "fuzzy_in_context_recall": 0.298,
+        "selective_copying": 0.996, "compression": 0.516, "memorization": 0.852, "average": 0.745,
+    },
+    "independent re-run (lin-attn-bench)": {
+        "in_context_recall": 0.905, "noisy_in_context_recall": 0.897, "fuzzy_in_context_recall": 0.565,
+        "selective_copying": 0.998, "compression": 0.432, "memorization": 0.788, "average": 0.764,
+    },
+}  # fmt: skip
+COLUMNS = [*TASKS, "average"]
+
+
+def comparison_lines(board: pd.DataFrame, partial: pd.DataFrame) -> list[str]:
+    """Markdown: the softmax rows of `board` (a leaderboard of the full protocol) over the published Transformer
+    scores, then ours minus each published score for every complete task score. `partial` (one row per row of
+    `board`, in its order; columns the tasks) marks task scores over fewer settings than the protocol's, which are shown with `*` and never
+    differenced. Empty when the board has no softmax row."""
+    rows = [(row, flags) for (_, row), (_, flags) in zip(board.iterrows(), partial.iterrows())
+            if row["attention"] == "softmax"]  # fmt: skip
+    if not rows:
+        return []
+    lines = ["| scores | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for row, flags in rows:
+        lines.append(f"| ours: softmax + {row['optimizer']} | " + " | ".join(
+            _cell(row[c], _partial(flags, c)) for c in COLUMNS) + " |")  # fmt: skip
+    for source, scores in PUBLISHED_TRANSFORMER.items():
+        lines.append(f"| {source} | " + " | ".join(f"{scores[c]:.3f}" for c in COLUMNS) + " |")
+    lines += ["", "`*`: over fewer settings than the protocol's (not comparable yet). `—`: no score.", ""]
+    for row, flags in rows:
+        complete = [c for c in COLUMNS if not math.isnan(row[c]) and not _partial(flags, c)]
+        if not complete:
+            lines.append(f"- softmax + {row['optimizer']}: no complete task score yet, nothing to compare.")
+            continue
+        for source, scores in PUBLISHED_TRANSFORMER.items():
+            deltas = ", ".join(f"{c} {row[c] - scores[c]:+.3f}" for c in complete)
+            lines.append(f"- softmax + {row['optimizer']} minus the {source}: {deltas}.")
+    return lines
+
+
+def _partial(flags: pd.Series, column: str) -> bool:
+    """Whether a score of this row is over fewer settings than the protocol's; the average is if any task is."""
+    return bool(flags[list(TASKS)].any() if column == "average" else flags.get(column, False))
+
+
+def _cell(value: float, partial: bool) -> str:
+    return "—" if math.isnan(value) else f"{value:.3f}" + (r"\*" if partial else "")

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                 except Exception as err:  # a config that does not build on this GPU: recorded, not fatal
                     rows.append((shape, f"ours {mode_name}", _describe(cfg), f"{type(err).__name__}: {str(err)[:80]}"))
                 print(rows[-1], flush=True)
-    _write(args, rows, skipped, torch, triton, time.time() - start)
+    _write(args, rows, skipped, time.time() - start)
     return 0
 
 
@@ -115,7 +115,10 @@ def _describe(cfg) -> str:
     return f"{tiles}, {cfg.num_warps} warps, {cfg.num_stages} stages"
 
 
-def _write(args, rows, skipped, torch, triton, seconds: float) -> None:
+def _write(args, rows, skipped, seconds: float) -> None:
+    import torch  # imported in main, after TRITON_INTERPRET was set for --cpu-smoke
+    import triton
+
     args.out.mkdir(parents=True, exist_ok=True)
     device = "CPU under TRITON_INTERPRET=1 (a script test, not a measurement)" if args.cpu_smoke else (
         torch.cuda.get_device_name())  # fmt: skip

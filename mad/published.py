@@ -34,8 +34,8 @@ COLUMNS = [*TASKS, "average"]
 def comparison_lines(board: pd.DataFrame, partial: pd.DataFrame) -> list[str]:
     """Markdown: the softmax rows of `board` (a leaderboard of the full protocol) over the published Transformer
     scores, then ours minus each published score for every complete task score. `partial` (one row per row of
-    `board`, in its order; columns the tasks) marks task scores over fewer settings than the protocol's, which are shown with `*` and never
-    differenced. Empty when the board has no softmax row."""
+    `board`, in its order; columns the tasks) marks task scores over fewer settings than the protocol's, which are
+    shown with `*` and never differenced. Empty when the board has no softmax row."""
     rows = [(row, flags) for (_, row), (_, flags) in zip(board.iterrows(), partial.iterrows())
             if row["attention"] == "softmax"]  # fmt: skip
     if not rows:
@@ -60,7 +60,7 @@ def comparison_lines(board: pd.DataFrame, partial: pd.DataFrame) -> list[str]:
 
 def _partial(flags: pd.Series, column: str) -> bool:
     """Whether a score of this row is over fewer settings than the protocol's; the average is if any task is."""
-    return bool(flags[list(TASKS)].any() if column == "average" else flags.get(column, False))
+    return bool(flags.any() if column == "average" else flags[column])
 
 
 def _cell(value: float, partial: bool) -> str:

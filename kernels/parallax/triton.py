@@ -667,8 +667,11 @@ def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None,
     u_bar = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     grid = lambda meta: (B * H, triton.cdiv(T_q, meta["BLOCK_M"]))  # noqa: E731
     pv = pv_mode(q.dtype, T_q, T_k) if pv is None else pv
-    parts = range_parts(r, k, v) if pv == PV_CHOOSE.value else lse2  # lse2: a pointer the kernel then never reads
-    n_parts = parts.shape[1] if pv == PV_CHOOSE.value else 0
+    if pv == PV_CHOOSE.value:
+        parts = range_parts(r, k, v)
+        n_parts = parts.shape[1]
+    else:
+        parts, n_parts = lse2, 0  # lse2: a pointer the kernel then never reads
     args = (q, r, k, v, parts, n_parts, o, lse2, u_bar, scale * _LOG2E, T_q, T_k, _tune_key(T_q, B * H))
     _launch(_fwd_kernel, grid, args, _meta(q, k) | {"PV": pv}, (configs or {}).get("fwd"))
     return o, lse2, u_bar

@@ -34,7 +34,9 @@ and the model's train/eval mode is restored.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -54,13 +56,43 @@ P90 = 0.9
 
 def stable_rank(weight: torch.Tensor) -> float:
     """|W|_F^2 / |W|_2^2 of a 2-D matrix, in float64: n for an orthogonal n x n matrix, 1 at rank one, 0 for W = 0."""
-    if weight.dim() != 2:
-        raise ValueError(f"stable_rank needs a 2-D matrix, got shape {tuple(weight.shape)}")
-    w = weight.detach().double()
-    spectral = torch.linalg.matrix_norm(w, ord=2)
-    if spectral == 0:
-        return 0.0
-    return float((w * w).sum() / spectral**2)
+    return stable_ranks({"w": weight})["w"]
+
+
+def stable_ranks(weights: dict[Hashable, torch.Tensor]) -> dict[Hashable, float]:
+    """`stable_rank` of each 2-D matrix, all after one copy to the host, on one CPU thread, in float64.
+
+    |W|_2^2 is the largest eigenvalue of the smaller Gram matrix G (W W^T or W^T W) and |W|_F^2 its trace. On the
+    H200 the float64 SVD of one 128 x 128 matrix is ~50 cusolver launches; the SVDs were 58 % of the device time of
+    a diagnostics call (analysis/throughput/diagnostics_profile.md). LAPACK's symmetric eigensolver on the host takes
+    a fraction of that, on one thread: these matrices are too small to share, and a process per GPU on a many-core
+    host would otherwise start a thread per core for each.
+    """
+    for name, w in weights.items():
+        if w.dim() != 2:
+            raise ValueError(f"stable_rank needs a 2-D matrix, got shape {tuple(w.shape)} for {name!r}")
+    if not weights:
+        return {}
+    flat = torch.cat([w.detach().reshape(-1).double() for w in weights.values()]).cpu()
+    ranks, start = {}, 0
+    with _one_cpu_thread():
+        for name, w in weights.items():
+            m = flat[start : start + w.numel()].view(w.shape)
+            start += w.numel()
+            gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+            spectral = float(torch.linalg.eigvalsh(gram)[-1])
+            ranks[name] = float(gram.trace()) / spectral if spectral > 0 else 0.0
+    return ranks
+
+
+@contextlib.contextmanager
+def _one_cpu_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def effective_weights(
@@ -241,12 +273,18 @@ def _describe(layer: nn.Module) -> dict[str, Any]:
     return info
 
 
-def _stable_ranks(module: nn.Module, skip: set[int] | frozenset[int] = frozenset()) -> dict[str, float]:
-    """Stable rank of every 2-D parameter of `module`, keyed by its name without a trailing `.weight`."""
-    ranks = {}
-    for name, param in module.named_parameters():
-        if param.dim() == 2 and id(param) not in skip:
-            ranks[name.removesuffix(".weight")] = stable_rank(param)
+def _stable_ranks(model: nn.Module, blocks: list[nn.Module]) -> dict[int | None, dict[str, float]]:
+    """Stable ranks of every 2-D parameter, in one `stable_ranks` call: per block index (its layer's parameter names
+    without a trailing `.weight`) and under None for those outside the blocks (embedding, head, decoder)."""
+    weights, in_blocks = {}, set()
+    for index, block in enumerate(blocks):
+        layer = getattr(block, "layer", block)
+        in_blocks |= {id(p) for p in block.parameters()}
+        weights |= {(index, name): p for name, p in layer.named_parameters() if p.dim() == 2}
+    weights |= {(None, name): p for name, p in model.named_parameters() if p.dim() == 2 and id(p) not in in_blocks}
+    ranks: dict[int | None, dict[str, float]] = {index: {} for index in range(len(blocks))} | {None: {}}
+    for (index, name), value in stable_ranks(weights).items():
+        ranks[index][name.removesuffix(".weight")] = value
     return ranks
 
 
@@ -280,16 +318,15 @@ def model_diagnostics(model: nn.Module, inputs: torch.Tensor) -> dict[str, Any]:
             for hook in hooks:
                 hook.remove()
             hooks = []
+            ranks = _stable_ranks(model, blocks)
             layers = []
-            in_blocks = set()
             for index, block in enumerate(blocks):
                 layer = getattr(block, "layer", block)
-                in_blocks |= {id(p) for p in block.parameters()}
-                entry = {"block": index, **_describe(layer), "stable_rank": _stable_ranks(layer)}
+                entry = {"block": index, **_describe(layer), "stable_rank": ranks[index]}
                 if index in captured:
                     entry |= attention_statistics(layer, captured[index])
                 layers.append(entry)
-            return {"layers": layers, "stable_rank": _stable_ranks(model, skip=in_blocks)}
+            return {"layers": layers, "stable_rank": ranks[None]}
     finally:
         for hook in hooks:
             hook.remove()

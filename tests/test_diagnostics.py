@@ -10,7 +10,7 @@ import torch
 
 from mad.diagnostics import (
     attention_internals, attention_statistics, correction_ratio, effective_weights, model_diagnostics, stable_rank,
-    weight_statistics,
+    stable_ranks, weight_statistics,
 )  # fmt: skip
 from models.attention.parallax import ParallaxAttention
 from models.attention.sliding_window import SlidingWindowAttention
@@ -31,6 +31,20 @@ def test_stable_rank_of_orthogonal_rank_one_and_zero_matrices():
     assert stable_rank(rank_one) == pytest.approx(1.0, rel=1e-6)
     assert stable_rank(torch.zeros(4, 4)) == 0.0
     assert stable_rank(torch.diag(torch.tensor([2.0, 1.0]))) == pytest.approx(5 / 4)
+
+
+def test_stable_ranks_match_the_singular_values_and_leave_the_thread_count_alone():
+    gen = torch.Generator().manual_seed(1)
+    weights = {"wide": torch.randn(3, 7, generator=gen), "tall": torch.randn(9, 4, generator=gen),
+               ("block", 0): torch.randn(5, 5, generator=gen, dtype=torch.float64)}  # fmt: skip
+    threads = torch.get_num_threads()
+    ranks = stable_ranks(weights)
+    assert torch.get_num_threads() == threads
+    for name, w in weights.items():
+        s = torch.linalg.svdvals(w.double())
+        assert ranks[name] == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-10)
+    with pytest.raises(ValueError, match=r"2-D matrix, got shape \(4,\) for 'bias'"):
+        stable_ranks({"bias": torch.ones(4)})
 
 
 def _hand_built():

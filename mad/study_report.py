@@ -13,7 +13,9 @@ optimizers (issue #7 lists them), how we measure it, and a verdict:
 
 An accuracy comparison whose runs all score at least 0.99 (CEILING) carries a caveat beside its verdict: a setting
 that every compared arm solves cannot show an advantage either way, so there "not supported" means "not testable
-with these settings", and harder ones are needed.
+with these settings", and harder ones are needed. Where some settings are solved by every compared arm and others
+are not, the estimate leaves the solved ones out (pooled in, their near-zero differences would only dilute the
+others), the evidence names them, and a line gives each setting's own difference.
 
 Arms are attention x optimizer x schedule (`cosine`, `wsd`, `wsd+anneal`). Per arm and task setting, the learning
 rate (and weight decay, if several were run) with the best seed-mean test accuracy is kept, as MAD selects its grid
@@ -335,6 +337,37 @@ def ceiling_caveat(*arms: pd.DataFrame) -> str:
             "harder settings are needed to test it")
 
 
+def solved_settings(*arms: pd.DataFrame) -> set[tuple[str, str]]:
+    """The (task, setting)s where every compared arm (accuracies per unit) has runs, all at or above CEILING."""
+    lowest = [arm.dropna(subset=["value"]).groupby(["task", "setting"])["value"].min() for arm in arms]
+    common = set.intersection(*(set(low.index) for low in lowest)) if lowest else set()
+    return {key for key in common if all(low[key] >= CEILING for low in lowest)}
+
+
+def beyond_ceiling(units: pd.DataFrame, arms: list[pd.DataFrame]) -> tuple[pd.DataFrame, list[str]]:
+    """`units` (a paired accuracy difference) without the settings that every compared arm solves, and a note
+    naming those; all of `units` and no note when no setting, or every setting, is solved (then the ceiling caveat
+    speaks). A solved setting contributes differences of a few errors per thousand whatever the claim: pooled
+    with harder settings it only dilutes them."""
+    solved = solved_settings(*arms)
+    kept = units[[key not in solved for key in zip(units["task"], units["setting"])]]
+    if kept.empty or len(kept) == len(units):
+        return units, []
+    names = ", ".join(f"{task} {setting}" for task, setting in sorted(solved))
+    return kept, [f"left out: {len(solved)} setting(s) that every compared run solves (test accuracy >= {CEILING:g}):"
+                  f" {names}; the numbers above are over the other settings"]
+
+
+def per_setting(name: str, units: pd.DataFrame) -> list[str]:
+    """One line with `units`' mean and spread per (task, setting), when there are several settings."""
+    groups = units.dropna(subset=["value"]).groupby(["task", "setting"])["value"]
+    if groups.ngroups < 2:
+        return []
+    parts = [f"{task} {setting} {values.mean():+.3f} (sd {values.std(ddof=1):.3f} over {len(values)} seeds)"
+             for (task, setting), values in groups]  # fmt: skip
+    return [f"{name} per setting: " + "; ".join(parts)]
+
+
 class _Units:
     """`units(attention, optimizer, quantity, schedule)`: one quantity per unit of one arm of the chosen runs."""
 
@@ -386,18 +419,23 @@ def _accuracy_claims(u: _Units) -> list[Claim]:
     record = accuracy_at("record")
     arms = {(att, opt): u(att, opt, record) for att in ("parallax", "softmax") for opt in ("muon", "adamw")}
     gain = {opt: paired(arms["parallax", opt], arms["softmax", opt]) for opt in ("muon", "adamw")}
-    adamw = estimate(gain["adamw"])
+    muon_arms, all_arms = [arms["parallax", "muon"], arms["softmax", "muon"]], list(arms.values())
+    muon, muon_left = beyond_ceiling(gain["muon"], muon_arms)
+    shrink, shrink_left = beyond_ceiling(paired(gain["muon"], gain["adamw"]), all_arms)
+    adamw = beyond_ceiling(gain["adamw"], all_arms)[0]
+    adamw_alone = estimate(adamw)
     return [
         _claim("beats_softmax", "Under Muon Parallax beats softmax attention.",
                "Test accuracy (MAD's, at the lowest-perplexity epoch) of parallax minus softmax, both with Muon, "
                "paired by setting and seed.",
-               [_test("accuracy gain, muon", estimate(gain["muon"]), ">", 0.0)],
-               caveat=ceiling_caveat(arms["parallax", "muon"], arms["softmax", "muon"])),
+               [_test("accuracy gain, muon", estimate(muon), ">", 0.0)],
+               per_setting("gain", gain["muon"]) + muon_left, caveat=ceiling_caveat(*muon_arms)),
         _claim("advantage_adamw", "Under AdamW the advantage over softmax shrinks or vanishes.",
                "(parallax - softmax) accuracy with Muon minus the same with AdamW, paired by setting and seed.",
-               [_test("advantage(muon) - advantage(adamw)", estimate(paired(gain["muon"], gain["adamw"])), ">", 0.0)],
-               [f"advantage under adamw alone: {adamw.text()}"] if adamw else [],
-               caveat=ceiling_caveat(*arms.values())),
+               [_test("advantage(muon) - advantage(adamw)", estimate(shrink), ">", 0.0)],
+               ([f"advantage under adamw alone: {adamw_alone.text()}"] if adamw_alone else [])
+               + per_setting("advantage under adamw", gain["adamw"]) + shrink_left,
+               caveat=ceiling_caveat(*all_arms)),
     ]  # fmt: skip
 
 
@@ -443,10 +481,10 @@ def _wsd_claims(u: _Units) -> list[Claim]:
             for schedule, which in points}  # fmt: skip
     advantage = {point: paired(*arms) for point, arms in runs.items()}
     before, after, annealed = points
-    erosion = paired(advantage[before], advantage[after])
-    restored = paired(advantage[annealed], advantage[after])
     erosion_runs = runs[before] + runs[after]
     restored_runs = runs[annealed] + runs[after]
+    erosion, erosion_left = beyond_ceiling(paired(advantage[before], advantage[after]), erosion_runs)
+    restored, restored_left = beyond_ceiling(paired(advantage[annealed], advantage[after]), restored_runs)
 
     def stopped_note(schedules: tuple[str, ...]) -> list[str]:
         counts = pd.concat([u(attention, "muon", stopped_before_decay, schedule)["value"]
@@ -460,13 +498,14 @@ def _wsd_claims(u: _Units) -> list[Claim]:
         _claim("wsd_erosion", "The advantage erodes during the decay phase of a warmup-stable-decay schedule.",
                "(parallax - softmax) test accuracy with Muon and WSD at the last epoch before the decay phase minus "
                "at the last epoch, paired.",
-               [_test("advantage lost in the decay phase", estimate(erosion), ">", 0.0)], stopped_note(("wsd",)),
+               [_test("advantage lost in the decay phase", estimate(erosion), ">", 0.0)],
+               stopped_note(("wsd",)) + erosion_left,
                caveat=ceiling_caveat(*erosion_runs)),
         _claim("wsd_anneal", "Annealing weight decay during the decay phase partly restores the advantage.",
                "(parallax - softmax) final test accuracy with Muon, WSD with weight-decay annealing minus WSD "
                "without, paired.",
                [_test("advantage regained by annealing", estimate(restored), ">", 0.0)],
-               stopped_note(("wsd", "wsd+anneal")), caveat=ceiling_caveat(*restored_runs)),
+               stopped_note(("wsd", "wsd+anneal")) + restored_left, caveat=ceiling_caveat(*restored_runs)),
     ]  # fmt: skip
 
 
@@ -656,19 +695,29 @@ def describe_scale(runs: pd.DataFrame) -> list[str]:
 def per_arm_table(chosen: pd.DataFrame, column: str = "accuracy", digits: int = 3) -> list[str]:
     """Per arm and task: `column` averaged over settings per seed, then mean ± sd over seeds (seeds in brackets)."""
     per_seed = chosen.groupby([*ARM, "task", "seed"])[column].mean()
-    stats = per_seed.groupby([*ARM, "task"]).agg(["mean", "std", "count"]).reset_index()
-    tasks = sorted(stats["task"].unique())
-    lines = ["| attention | optimizer | schedule | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
-    for arm, rows in stats.groupby(ARM):
+    return _arm_table(per_seed.groupby([*ARM, "task"]).agg(["mean", "std", "count"]), digits)
+
+
+def per_setting_table(chosen: pd.DataFrame, column: str = "accuracy", digits: int = 3) -> list[str]:
+    """Per arm and (task, setting): `column`'s mean ± sd over seeds (seeds in brackets)."""
+    stats = chosen.groupby([*ARM, "task", "setting"])[column].agg(["mean", "std", "count"])
+    stats.index = pd.MultiIndex.from_tuples([(*arm, f"{task} {setting}") for *arm, task, setting in stats.index])
+    return _arm_table(stats, digits)
+
+
+def _arm_table(stats: pd.DataFrame, digits: int) -> list[str]:
+    """A Markdown table of `stats` (mean, std, count; indexed by the ARM columns and one column label)."""
+    columns = sorted({key[-1] for key in stats.index})
+    lines = ["| attention | optimizer | schedule | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    for arm in sorted({key[:-1] for key in stats.index}):
         cells = []
-        for task in tasks:
-            r = rows[rows["task"] == task]
-            if r.empty:
+        for column in columns:
+            if (*arm, column) not in stats.index:
                 cells.append("—")
                 continue
-            sd = r["std"].iloc[0]
+            mean, sd, count = stats.loc[(*arm, column)]
             spread = "n/a" if math.isnan(sd) else f"{sd:.{digits}f}"
-            cells.append(f"{r['mean'].iloc[0]:.{digits}f} ± {spread} ({r['count'].iloc[0]})")
+            cells.append(f"{mean:.{digits}f} ± {spread} ({int(count)})")
         lines.append(f"| {' | '.join(arm)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -710,6 +759,9 @@ def markdown(runs: pd.DataFrame, chosen: pd.DataFrame, claims: list[Claim], skip
     out += ["## Accuracy per arm", "", "Test accuracy (MAD's macro accuracy at the lowest-perplexity epoch) at each "
             "arm's best learning rate per setting: mean over settings and seeds ± sd over seeds (of the per-seed "
             "means over settings), seeds in brackets.", "", *per_arm_table(chosen), "",
+            "Per setting (the same runs; — where an arm has no runs of a setting): the means above average whatever "
+            "settings each arm ran, so compare arms there only where this table shows the same settings.", "",
+            *per_setting_table(chosen), "",
             f"Epochs trained (the same runs): a run stops after the first epoch whose test accuracy exceeds "
             f"train.early_stop_accuracy ({stop}), so where every arm solves a setting, fewer epochs is the faster "
             "learner (but the learning rate was chosen on accuracy alone).", "",

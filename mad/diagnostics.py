@@ -55,8 +55,9 @@ P90 = 0.9
 
 
 def stable_rank(weight: torch.Tensor) -> float:
-    """|W|_F^2 / |W|_2^2 of a 2-D matrix, in float64: n for an orthogonal n x n matrix, 1 at rank one, 0 for W = 0."""
-    return stable_ranks({"w": weight})["w"]
+    """|W|_F^2 / |W|_2^2 of a 2-D matrix, in float64: n for an orthogonal n x n matrix, 1 at rank one, 0 for W = 0,
+    NaN if W holds a NaN or an infinity."""
+    return stable_ranks({"weight": weight})["weight"]
 
 
 def stable_ranks(weights: dict[Hashable, torch.Tensor]) -> dict[Hashable, float]:
@@ -73,16 +74,24 @@ def stable_ranks(weights: dict[Hashable, torch.Tensor]) -> dict[Hashable, float]
             raise ValueError(f"stable_rank needs a 2-D matrix, got shape {tuple(w.shape)} for {name!r}")
     if not weights:
         return {}
-    flat = torch.cat([w.detach().reshape(-1).double() for w in weights.values()]).cpu()
+    flat = torch.cat([w.detach().reshape(-1) for w in weights.values()]).cpu().double()  # cat promotes dtypes
     ranks, start = {}, 0
     with _one_cpu_thread():
         for name, w in weights.items():
             m = flat[start : start + w.numel()].view(w.shape)
             start += w.numel()
-            gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-            spectral = float(torch.linalg.eigvalsh(gram)[-1])
-            ranks[name] = float(gram.trace()) / spectral if spectral > 0 else 0.0
+            ranks[name] = _gram_stable_rank(m)
     return ranks
+
+
+def _gram_stable_rank(m: torch.Tensor) -> float:
+    if not bool(torch.isfinite(m).all()):
+        return math.nan  # a diverged weight must not read as W = 0
+    if m.numel() == 0:
+        return 0.0
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    spectral = float(torch.linalg.eigvalsh(gram)[-1])
+    return float(gram.trace()) / spectral if spectral > 0 else 0.0
 
 
 @contextlib.contextmanager
@@ -273,7 +282,7 @@ def _describe(layer: nn.Module) -> dict[str, Any]:
     return info
 
 
-def _stable_ranks(model: nn.Module, blocks: list[nn.Module]) -> dict[int | None, dict[str, float]]:
+def _stable_ranks_by_block(model: nn.Module, blocks: list[nn.Module]) -> dict[int | None, dict[str, float]]:
     """Stable ranks of every 2-D parameter, in one `stable_ranks` call: per block index (its layer's parameter names
     without a trailing `.weight`) and under None for those outside the blocks (embedding, head, decoder)."""
     weights, in_blocks = {}, set()
@@ -318,7 +327,7 @@ def model_diagnostics(model: nn.Module, inputs: torch.Tensor) -> dict[str, Any]:
             for hook in hooks:
                 hook.remove()
             hooks = []
-            ranks = _stable_ranks(model, blocks)
+            ranks = _stable_ranks_by_block(model, blocks)
             layers = []
             for index, block in enumerate(blocks):
                 layer = getattr(block, "layer", block)

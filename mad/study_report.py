@@ -14,8 +14,9 @@ optimizers (issue #7 lists them), how we measure it, and a verdict:
 An accuracy comparison whose runs all score at least 0.99 (CEILING) carries a caveat beside its verdict: a setting
 that every compared arm solves cannot show an advantage either way, so there "not supported" means "not testable
 with these settings", and harder ones are needed. Where some settings are solved by every compared arm and others
-are not, the estimate leaves the solved ones out (pooled in, their near-zero differences would only dilute the
-others), the evidence names them, and a line gives each setting's own difference.
+are not, the estimate leaves the solved ones out (pooled in, their near-zero differences would pull it toward zero
+whatever the claim), so it is the mean over the settings some arm does not solve, a subset the data chose; the
+evidence names the settings left out, and a line gives each setting's own difference.
 
 Arms are attention x optimizer x schedule (`cosine`, `wsd`, `wsd+anneal`). Per arm and task setting, the learning
 rate (and weight decay, if several were run) with the best seed-mean test accuracy is kept, as MAD selects its grid
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,18 +346,28 @@ def solved_settings(*arms: pd.DataFrame) -> set[tuple[str, str]]:
     return {key for key in common if all(low[key] >= CEILING for low in lowest)}
 
 
-def beyond_ceiling(units: pd.DataFrame, arms: list[pd.DataFrame]) -> tuple[pd.DataFrame, list[str]]:
-    """`units` (a paired accuracy difference) without the settings that every compared arm solves, and a note
-    naming those; all of `units` and no note when no setting, or every setting, is solved (then the ceiling caveat
-    speaks). A solved setting contributes differences of a few errors per thousand whatever the claim: pooled
-    with harder settings it only dilutes them."""
-    solved = solved_settings(*arms)
-    kept = units[[key not in solved for key in zip(units["task"], units["setting"])]]
-    if kept.empty or len(kept) == len(units):
-        return units, []
+def beyond_ceiling(units: pd.DataFrame, arms: list[pd.DataFrame]) -> tuple[pd.DataFrame, list[str], str]:
+    """(the units to estimate from, notes, a caveat) for `units`, a paired accuracy difference between `arms`.
+
+    Settings that every compared arm solves (`solved_settings`) leave the estimate, and a note names them: there
+    each difference is a few errors per thousand whatever the claim, so pooled in they would pull the estimate
+    toward zero. The estimate is then the mean over the other settings, a subset the data chose, as the note says.
+    When every setting of `units` is solved, all of them stay and the caveat says how little they can test.
+    """
+    keys = list(zip(units["task"], units["setting"]))
+    solved = solved_settings(*arms) & set(keys)
+    if not solved:
+        return units, [], ""
+    if solved == set(keys):
+        return units, [], ceiling_caveat(*(_in_settings(arm, solved) for arm in arms))
     names = ", ".join(f"{task} {setting}" for task, setting in sorted(solved))
-    return kept, [f"left out: {len(solved)} setting(s) that every compared run solves (test accuracy >= {CEILING:g}):"
-                  f" {names}; the numbers above are over the other settings"]
+    note = (f"left out of the estimate: {len(solved)} setting(s) that every compared run solves (test accuracy >= "
+            f"{CEILING:g}): {names}; the estimate is the mean over the other settings")
+    return units[[key not in solved for key in keys]], [note], ""
+
+
+def _in_settings(units: pd.DataFrame, settings: set[tuple[str, str]]) -> pd.DataFrame:
+    return units[[key in settings for key in zip(units["task"], units["setting"])]]
 
 
 def per_setting(name: str, units: pd.DataFrame) -> list[str]:
@@ -363,8 +375,10 @@ def per_setting(name: str, units: pd.DataFrame) -> list[str]:
     groups = units.dropna(subset=["value"]).groupby(["task", "setting"])["value"]
     if groups.ngroups < 2:
         return []
-    parts = [f"{task} {setting} {values.mean():+.3f} (sd {values.std(ddof=1):.3f} over {len(values)} seeds)"
-             for (task, setting), values in groups]  # fmt: skip
+    parts = []
+    for (task, setting), values in groups:
+        spread = f"sd {values.std(ddof=1):.3f} over {len(values)} seeds" if len(values) > 1 else "1 seed"
+        parts.append(f"{task} {setting} {values.mean():+.3f} ({spread})")
     return [f"{name} per setting: " + "; ".join(parts)]
 
 
@@ -419,23 +433,23 @@ def _accuracy_claims(u: _Units) -> list[Claim]:
     record = accuracy_at("record")
     arms = {(att, opt): u(att, opt, record) for att in ("parallax", "softmax") for opt in ("muon", "adamw")}
     gain = {opt: paired(arms["parallax", opt], arms["softmax", opt]) for opt in ("muon", "adamw")}
-    muon_arms, all_arms = [arms["parallax", "muon"], arms["softmax", "muon"]], list(arms.values())
-    muon, muon_left = beyond_ceiling(gain["muon"], muon_arms)
-    shrink, shrink_left = beyond_ceiling(paired(gain["muon"], gain["adamw"]), all_arms)
-    adamw = beyond_ceiling(gain["adamw"], all_arms)[0]
-    adamw_alone = estimate(adamw)
+    shrink = paired(gain["muon"], gain["adamw"])
+    muon, muon_left, muon_caveat = beyond_ceiling(gain["muon"], [arms["parallax", "muon"], arms["softmax", "muon"]])
+    less, less_left, less_caveat = beyond_ceiling(shrink, list(arms.values()))
+    adamw_alone = estimate(beyond_ceiling(gain["adamw"], list(arms.values()))[0])
     return [
         _claim("beats_softmax", "Under Muon Parallax beats softmax attention.",
                "Test accuracy (MAD's, at the lowest-perplexity epoch) of parallax minus softmax, both with Muon, "
                "paired by setting and seed.",
                [_test("accuracy gain, muon", estimate(muon), ">", 0.0)],
-               per_setting("gain", gain["muon"]) + muon_left, caveat=ceiling_caveat(*muon_arms)),
+               muon_left + per_setting("gain", gain["muon"]), caveat=muon_caveat),
         _claim("advantage_adamw", "Under AdamW the advantage over softmax shrinks or vanishes.",
                "(parallax - softmax) accuracy with Muon minus the same with AdamW, paired by setting and seed.",
-               [_test("advantage(muon) - advantage(adamw)", estimate(shrink), ">", 0.0)],
-               ([f"advantage under adamw alone: {adamw_alone.text()}"] if adamw_alone else [])
-               + per_setting("advantage under adamw", gain["adamw"]) + shrink_left,
-               caveat=ceiling_caveat(*all_arms)),
+               [_test("advantage(muon) - advantage(adamw)", estimate(less), ">", 0.0)],
+               less_left + per_setting("advantage(muon) - advantage(adamw)", shrink)
+               + ([f"advantage under adamw alone: {adamw_alone.text()}"] if adamw_alone else [])
+               + per_setting("advantage under adamw", gain["adamw"]),
+               caveat=less_caveat),
     ]  # fmt: skip
 
 
@@ -481,10 +495,10 @@ def _wsd_claims(u: _Units) -> list[Claim]:
             for schedule, which in points}  # fmt: skip
     advantage = {point: paired(*arms) for point, arms in runs.items()}
     before, after, annealed = points
-    erosion_runs = runs[before] + runs[after]
-    restored_runs = runs[annealed] + runs[after]
-    erosion, erosion_left = beyond_ceiling(paired(advantage[before], advantage[after]), erosion_runs)
-    restored, restored_left = beyond_ceiling(paired(advantage[annealed], advantage[after]), restored_runs)
+    erosion_all = paired(advantage[before], advantage[after])
+    restored_all = paired(advantage[annealed], advantage[after])
+    erosion, erosion_left, erosion_caveat = beyond_ceiling(erosion_all, runs[before] + runs[after])
+    restored, restored_left, restored_caveat = beyond_ceiling(restored_all, runs[annealed] + runs[after])
 
     def stopped_note(schedules: tuple[str, ...]) -> list[str]:
         counts = pd.concat([u(attention, "muon", stopped_before_decay, schedule)["value"]
@@ -499,13 +513,14 @@ def _wsd_claims(u: _Units) -> list[Claim]:
                "(parallax - softmax) test accuracy with Muon and WSD at the last epoch before the decay phase minus "
                "at the last epoch, paired.",
                [_test("advantage lost in the decay phase", estimate(erosion), ">", 0.0)],
-               stopped_note(("wsd",)) + erosion_left,
-               caveat=ceiling_caveat(*erosion_runs)),
+               erosion_left + per_setting("advantage lost", erosion_all) + stopped_note(("wsd",)),
+               caveat=erosion_caveat),
         _claim("wsd_anneal", "Annealing weight decay during the decay phase partly restores the advantage.",
                "(parallax - softmax) final test accuracy with Muon, WSD with weight-decay annealing minus WSD "
                "without, paired.",
                [_test("advantage regained by annealing", estimate(restored), ">", 0.0)],
-               stopped_note(("wsd", "wsd+anneal")) + restored_left, caveat=ceiling_caveat(*restored_runs)),
+               restored_left + per_setting("advantage regained", restored_all) + stopped_note(("wsd", "wsd+anneal")),
+               caveat=restored_caveat),
     ]  # fmt: skip
 
 
@@ -705,9 +720,14 @@ def per_setting_table(chosen: pd.DataFrame, column: str = "accuracy", digits: in
     return _arm_table(stats, digits)
 
 
+def _natural(label: str) -> list:
+    """Sort key that orders the numbers inside labels by value: vocab_size=64 before vocab_size=128."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", label)]
+
+
 def _arm_table(stats: pd.DataFrame, digits: int) -> list[str]:
     """A Markdown table of `stats` (mean, std, count; indexed by the ARM columns and one column label)."""
-    columns = sorted({key[-1] for key in stats.index})
+    columns = sorted({key[-1] for key in stats.index}, key=_natural)
     lines = ["| attention | optimizer | schedule | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
     for arm in sorted({key[:-1] for key in stats.index}):
         cells = []

@@ -33,16 +33,30 @@ def test_stable_rank_of_orthogonal_rank_one_and_zero_matrices():
     assert stable_rank(torch.diag(torch.tensor([2.0, 1.0]))) == pytest.approx(5 / 4)
 
 
-def test_stable_ranks_match_the_singular_values_and_leave_the_thread_count_alone():
+def test_stable_ranks_match_the_singular_values_on_one_thread(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     weights = {"wide": torch.randn(3, 7, generator=gen), "tall": torch.randn(9, 4, generator=gen),
                ("block", 0): torch.randn(5, 5, generator=gen, dtype=torch.float64)}  # fmt: skip
+    threads_in_solver = []
+    eigvalsh = torch.linalg.eigvalsh
+
+    def counting_eigvalsh(a):
+        threads_in_solver.append(torch.get_num_threads())
+        return eigvalsh(a)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", counting_eigvalsh)
     threads = torch.get_num_threads()
-    ranks = stable_ranks(weights)
-    assert torch.get_num_threads() == threads
+    torch.set_num_threads(2)
+    try:
+        ranks = stable_ranks(weights)
+        assert threads_in_solver == [1, 1, 1] and torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(threads)
     for name, w in weights.items():
         s = torch.linalg.svdvals(w.double())
         assert ranks[name] == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-10)
+    diverged = stable_ranks({"ok": torch.eye(3), "inf": torch.tensor([[math.inf, 1.0], [0.0, 1.0]])})
+    assert diverged["ok"] == pytest.approx(3.0) and math.isnan(diverged["inf"])
     with pytest.raises(ValueError, match=r"2-D matrix, got shape \(4,\) for 'bias'"):
         stable_ranks({"bias": torch.ones(4)})
 

@@ -197,13 +197,28 @@ def test_settings_every_arm_solves_are_left_out_of_accuracy_estimates(tmp_path):
     # Over the three vocab-64 units only: mean 0.6, sd 0.1 (pooled with the baseline's 0.001s it would be ~0.3).
     assert beats.verdict == "supported" and "0.600 (sd over 3 seeds 0.100;" in beats.evidence[0], beats.evidence
     assert "over n = 3;" in beats.evidence[0] and not beats.caveat
-    assert beats.evidence[1] == ("gain per setting: in_context_recall baseline +0.001 (sd 0.000 over 3 seeds); "
+    assert beats.evidence[1].startswith("left out of the estimate: 1 setting(s) that every compared run solves "
+                                        "(test accuracy >= 0.99): in_context_recall baseline;")  # fmt: skip
+    assert beats.evidence[2] == ("gain per setting: in_context_recall baseline +0.001 (sd 0.000 over 3 seeds); "
                                  "in_context_recall vocab_size=64 +0.600 (sd 0.100 over 3 seeds)")  # fmt: skip
-    assert beats.evidence[2].startswith("left out: 1 setting(s) that every compared run solves (test accuracy >= "
-                                        "0.99): in_context_recall baseline;")  # fmt: skip
     shrink = claims["advantage_adamw"]  # equal advantages under both optimizers: no shrinking
     assert shrink.verdict == "not supported" and "over n = 3;" in shrink.evidence[0]
-    assert "advantage under adamw alone: 0.600 (sd over 3 seeds 0.100;" in shrink.evidence[1]
+    assert shrink.evidence[1].startswith("left out of the estimate: 1 setting(s)")
+    assert "advantage under adamw alone: 0.600 (sd over 3 seeds 0.100;" in shrink.evidence[3]
+
+
+def test_the_ceiling_caveat_looks_at_the_compared_settings_only(tmp_path):
+    """Softmax also ran a setting parallax did not (and failed it): the paired units are all in a solved setting,
+    so the verdict rests on it alone and must carry the caveat."""
+    records = []
+    for seed in SEEDS:
+        records.append(make_record("parallax", "muon", seed, 1.0))
+        records.append(make_record("softmax", "muon", seed, 0.995))
+        records.append(make_record("softmax", "muon", seed, 0.3, setting={"vocab_size": 64}))
+    chosen, _ = select_best(load_runs(write(tmp_path, records))[0])
+    beats = {c.key: c for c in evaluate_claims(chosen)}["beats_softmax"]
+    assert beats.caveat.startswith("every compared run is at the accuracy ceiling (all >= 0.99, lowest 0.9950)")
+    assert "over n = 3;" in beats.evidence[0] and len(beats.evidence) == 1  # one setting: no per-setting line
 
 
 def test_wsd_runs_that_stopped_before_the_decay_phase_are_left_out(tmp_path):

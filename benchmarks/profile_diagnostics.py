@@ -4,7 +4,9 @@
 
 With `diagnostics=true` (the optimizer study) `mad.diagnostics.model_diagnostics` runs once per run and epoch. On the
 H200 it took ~38 % of a 9-run stack's wall time (in-context recall, softmax + AdamW: 317 s wall, 197 s of epochs;
-analysis/optimizer_study/records.tar.gz). For each attention this times the call on the MAD model (L=128, its fixed
+analysis/optimizer_study/records.tar.gz) while stable ranks were float64 SVDs on the GPU; the committed table
+(analysis/throughput/diagnostics_profile.md) notes that profile beside the one after they moved to the host. For each
+attention this times the call on the MAD model (L=128, its fixed
 batch of 64 test sequences, fresh weights) and lists the operators with the most host time (syncs show up there)
 and, on a GPU, the kernels with the most device time. Reuses the profiling of benchmarks/profile_step.py.
 """

@@ -161,12 +161,14 @@ def _layer_series(entries: list[dict], length: int) -> dict[str, np.ndarray]:
 def select_best(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(the runs at each arm and setting's best grid point, the choice per arm and setting).
 
-    The best (lr, weight decay) has the highest mean test accuracy over seeds; ties go to the smaller lr.
+    The best (lr, weight decay) has the highest mean test accuracy over seeds; ties go to the smaller lr. The choice's
+    `grid_points` counts the (lr, weight decay) points it was chosen from (1: no choice).
     """
     grid = ARM + ["task", "setting", "lr", "weight_decay"]
     means = runs.groupby(grid, as_index=False).agg(mean_accuracy=("accuracy", "mean"), seeds=("seed", "nunique"))
     means = means.sort_values([*ARM, "task", "setting", "mean_accuracy", "lr"], ascending=[True] * 5 + [False, True])
-    choice = means.groupby(ARM + ["task", "setting"], as_index=False).first()
+    per_setting = means.groupby(ARM + ["task", "setting"], as_index=False)
+    choice = per_setting.first().merge(per_setting.size().rename(columns={"size": "grid_points"}))
     chosen = runs.merge(choice[grid], on=grid)
     return chosen, choice
 
@@ -715,9 +717,14 @@ def per_arm_table(chosen: pd.DataFrame, column: str = "accuracy", digits: int = 
 
 def per_setting_table(chosen: pd.DataFrame, column: str = "accuracy", digits: int = 3) -> list[str]:
     """Per arm and (task, setting): `column`'s mean ± sd over seeds (seeds in brackets)."""
-    stats = chosen.groupby([*ARM, "task", "setting"])[column].agg(["mean", "std", "count"])
-    stats.index = pd.MultiIndex.from_tuples([(*arm, f"{task} {setting}") for *arm, task, setting in stats.index])
-    return _arm_table(stats, digits)
+    return _arm_table(_setting_labels(chosen.groupby([*ARM, "task", "setting"])[column].agg(["mean", "std", "count"])),
+                      digits)
+
+
+def _setting_labels(frame: pd.DataFrame | pd.Series) -> pd.DataFrame | pd.Series:
+    """`frame` indexed by the ARM columns, task and setting, re-indexed by the ARM columns and "task setting"."""
+    frame.index = pd.MultiIndex.from_tuples([(*arm, f"{task} {setting}") for *arm, task, setting in frame.index])
+    return frame
 
 
 def _natural(label: str) -> list:
@@ -727,29 +734,32 @@ def _natural(label: str) -> list:
 
 def _arm_table(stats: pd.DataFrame, digits: int) -> list[str]:
     """A Markdown table of `stats` (mean, std, count; indexed by the ARM columns and one column label)."""
-    columns = sorted({key[-1] for key in stats.index}, key=_natural)
+    def cell(row: pd.Series) -> str:
+        spread = "n/a" if math.isnan(row["std"]) else f"{row['std']:.{digits}f}"
+        return f"{row['mean']:.{digits}f} ± {spread} ({int(row['count'])})"
+
+    return _matrix(stats.apply(cell, axis=1))
+
+
+def _matrix(cells: pd.Series) -> list[str]:
+    """A Markdown table with a row per arm and a column per label: `cells` (text) is indexed by the ARM columns and
+    the column label; a missing cell shows —."""
+    columns = sorted({key[-1] for key in cells.index}, key=_natural)
     lines = ["| attention | optimizer | schedule | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
-    for arm in sorted({key[:-1] for key in stats.index}):
-        cells = []
-        for column in columns:
-            if (*arm, column) not in stats.index:
-                cells.append("—")
-                continue
-            mean, sd, count = stats.loc[(*arm, column)]
-            spread = "n/a" if math.isnan(sd) else f"{sd:.{digits}f}"
-            cells.append(f"{mean:.{digits}f} ± {spread} ({int(count)})")
-        lines.append(f"| {' | '.join(arm)} | " + " | ".join(cells) + " |")
+    for arm in sorted({key[:-1] for key in cells.index}):
+        row = [cells.get((*arm, column), "—") for column in columns]
+        lines.append(f"| {' | '.join(arm)} | " + " | ".join(row) + " |")
     return lines
 
 
 def grid_table(runs: pd.DataFrame) -> list[str]:
-    """Per arm: the learning rates and weight decays it ran (the selection chooses among these), and its runs."""
-    lines = ["| attention | optimizer | schedule | learning rates | weight decays | runs |",
-             "|---|---|---|---|---|---|"]
-    for arm, rows in runs.groupby(ARM):
-        lines.append(f"| {' | '.join(arm)} | {_distinct(rows['lr'], '{:g}')} | "
-                     f"{_distinct(rows['weight_decay'], '{:g}')} | {len(rows)} |")  # fmt: skip
-    return lines
+    """Per arm and (task, setting): the learning rates it ran there (the selection chooses among these; weight decays
+    too where there were several)."""
+    def cell(rows: pd.DataFrame) -> str:
+        wds = rows["weight_decay"].dropna().unique()
+        return _distinct(rows["lr"], "{:g}") + (f" (wd {_distinct(rows['weight_decay'], '{:g}')})" if len(wds) > 1 else "")
+
+    return _matrix(_setting_labels(runs.groupby([*ARM, "task", "setting"])[["lr", "weight_decay"]].apply(cell)))
 
 
 def _distinct(values: pd.Series, fmt: str = "{}") -> str:
@@ -786,8 +796,9 @@ def markdown(runs: pd.DataFrame, chosen: pd.DataFrame, claims: list[Claim], skip
             f"train.early_stop_accuracy ({stop}), so where every arm solves a setting, fewer epochs is the faster "
             "learner (but the learning rate was chosen on accuracy alone).", "",
             *per_arm_table(chosen, "epochs_run", 1), "",
-            "Learning rates and weight decays each arm ran (all settings; an arm that ran one point had no choice):",
-            "", *grid_table(runs), "", "## Plots", "",
+            f"Learning rates each arm ran per setting (weight decay {_distinct(runs['weight_decay'], '{:g}')}): the "
+            "selection above chose among these, so where a cell holds one, that arm had no choice there "
+            "(`selection.csv`'s grid_points).", "", *grid_table(runs), "", "## Plots", "",
             "Curves over training: a run that stops early keeps its last model, so its curve stays flat from its "
             "last epoch on.", ""]  # fmt: skip
     out += [f"![{p.stem}]({p.name})" for p in plots] + [""]

@@ -278,3 +278,16 @@ def test_fp16_and_split_paths_in_one_launch(tri, poisoned_empty):
     for b in range(2):
         assert not torch.isnan(out[b]).any()
         assert rel_err(out[b], ref[b], 0.0) < TOL[torch.float16], b
+
+
+def test_choose_streams_an_fp16_copy_of_v_on_its_fp16_path(tri, monkeypatch):
+    """PV_CHOOSE's fp16 sweep reads the fp16 copy of V made before the launch, its split sweep V itself: with the copy
+    poisoned (negated), only the fp16 sequence's output changes, to the reference's output for -V."""
+    (q, r, k, v), _ = make_inputs(2, 37, 2, 1, 16, torch.float32, seed=4)
+    v[1] *= 2e-3  # below the fp16 path's range: sequence 1 takes the split path
+    assert tri.fp16_pv_ok(r, k, v).flatten().tolist() == [True, False]
+    monkeypatch.setattr(tri, "fp16_copy", lambda x: (-x).to(torch.float16))
+    out, _, _ = tri.parallax_fwd(q, r, k, v, 16**-0.5, pv=tri.PV_CHOOSE.value)
+    ref = reference_attention(q.double(), r.double(), k.double(), v.double())
+    assert rel_err(out[0], -ref[0], 0.0) < TOL[torch.float16]  # o is linear in V
+    assert rel_err(out[1], ref[1], 0.0) < TOL[torch.float32]

@@ -286,10 +286,11 @@ def _fp16_fits(PARTS, pid_kv, n_parts):
 
 @_tuned("fwd")
 @triton.jit(do_not_specialize=["T_q", "T_k", "TUNE_KEY", "H", "GROUP"])
-def _fwd_kernel(Q, R, K, V, RANGE_PARTS, n_parts, O, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
+def _fwd_kernel(Q, R, K, V, V16, RANGE_PARTS, n_parts, O, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
                 H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 PREC: tl.constexpr, PV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """RANGE_PARTS, n_parts: `range_parts`' output and its parts per row, read only when PV is PV_CHOOSE."""
+    """V16: V in fp16, what the fp16 sweep of PV_CHOOSE reads (the others read V). RANGE_PARTS, n_parts:
+    `range_parts`' output and its parts per row, read only when PV is PV_CHOOSE."""
     H_KV = H // GROUP
     Q_ROW = H * HEAD_DIM  # elements between consecutive tokens of q, r, o, v_bar
     KV_ROW = H_KV * HEAD_DIM
@@ -323,12 +324,14 @@ def _fwd_kernel(Q, R, K, V, RANGE_PARTS, n_parts, O, LSE2, UBAR, qk_scale2, T_q,
     u_shift = tl.sum(r.to(tl.float32) * k_diag.to(tl.float32), 1)
 
     # PV_CHOOSE's branch is uniform per program and outside the loops, so each loop body stays branch-free; the
-    # other modes compile one sweep only (two pipelined sweeps in one kernel can exceed shared memory).
+    # other modes compile one sweep only (two pipelined sweeps in one kernel can exceed shared memory). Its fp16
+    # sweep streams V16, converted once before the launch: a V tile converted inside the loop is no longer a dot
+    # operand straight from shared memory.
     if PV == PV_CHOOSE:
         if _fp16_fits(RANGE_PARTS, b * H_KV + h // GROUP, n_parts):
-            m_i, l_i, r_i, acc_o, acc_or = _fwd_sweep(q, r, k_base, v_base, kv_tile, d_ok, u_shift, offs_m, m0,
-                                                      causal_off, T_k, qk_scale2, KV_ROW, BLOCK_M, BLOCK_N, BLOCK_D,
-                                                      HEAD_DIM, PREC, PV_FP16)  # fmt: skip
+            m_i, l_i, r_i, acc_o, acc_or = _fwd_sweep(q, r, k_base, V16 + kv_start, kv_tile, d_ok, u_shift, offs_m,
+                                                      m0, causal_off, T_k, qk_scale2, KV_ROW, BLOCK_M, BLOCK_N,
+                                                      BLOCK_D, HEAD_DIM, PREC, PV_FP16)  # fmt: skip
         else:
             m_i, l_i, r_i, acc_o, acc_or = _fwd_sweep(q, r, k_base, v_base, kv_tile, d_ok, u_shift, offs_m, m0,
                                                       causal_off, T_k, qk_scale2, KV_ROW, BLOCK_M, BLOCK_N, BLOCK_D,
@@ -644,6 +647,12 @@ def fp16_pv_ok(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return ok.view(r.shape[0], k.shape[2])
 
 
+def fp16_copy(v: torch.Tensor) -> torch.Tensor:
+    """V in fp16 for PV_CHOOSE's fp16 sweep. Values beyond fp16's range only reach programs that `_fp16_fits` sends
+    to the split sweep, which reads V itself."""
+    return v.to(torch.float16)
+
+
 def pv_mode(dtype: torch.dtype, T_q: int, T_k: int) -> int:
     """How the forward takes its P V and (P*U) V dots for inputs of `dtype` (the PV_* constants above)."""
     if dtype == torch.float32:
@@ -670,9 +679,10 @@ def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None,
     if pv == PV_CHOOSE.value:
         parts = range_parts(r, k, v)
         n_parts = parts.shape[1]
+        v16 = fp16_copy(v)
     else:
-        parts, n_parts = lse2, 0  # lse2: a pointer the kernel then never reads
-    args = (q, r, k, v, parts, n_parts, o, lse2, u_bar, scale * _LOG2E, T_q, T_k, _tune_key(T_q, B * H))
+        parts, n_parts, v16 = lse2, 0, v  # lse2: a pointer the kernel then never reads
+    args = (q, r, k, v, v16, parts, n_parts, o, lse2, u_bar, scale * _LOG2E, T_q, T_k, _tune_key(T_q, B * H))
     _launch(_fwd_kernel, grid, args, _meta(q, k) | {"PV": pv}, (configs or {}).get("fwd"))
     return o, lse2, u_bar
 

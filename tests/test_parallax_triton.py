@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 import kernels.parallax as parallax_pkg
 from kernels.parallax import parallax_attention
@@ -291,3 +292,23 @@ def test_choose_streams_an_fp16_copy_of_v_on_its_fp16_path(tri, monkeypatch):
     ref = reference_attention(q.double(), r.double(), k.double(), v.double())
     assert rel_err(out[0], -ref[0], 0.0) < TOL[torch.float16]  # o is linear in V
     assert rel_err(out[1], ref[1], 0.0) < TOL[torch.float32]
+
+
+def test_register_report_builds_for_sm90_on_the_cpu(tmp_path):
+    """benchmarks/kernel_registers.py compiles a kernel for the H200 here (Triton's ptxas, no GPU) and reports it."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip(f"this Triton build ships no ptxas ({ptxas}), which the report needs")
+    proc = _script("benchmarks/kernel_registers.py", "--kinds", "dq", "--head-dims", "8", "--tiles", "64x32x4x2",
+                   "--out", str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in (tmp_path / "parallax_train_registers.md").read_text().splitlines()
+            if line.startswith("| dq |")]  # fmt: skip
+    assert len(rows) == 1
+    registers, stores, loads = (int(cell) for cell in rows[0].strip("|").split("|")[4:7])
+    assert 0 < registers <= 255 and stores >= 0 and loads >= 0
+
+
+def test_register_report_refuses_a_malformed_tile():
+    proc = _script("benchmarks/kernel_registers.py", "--tiles", "64x48x4x2")
+    assert proc.returncode == 2 and "blocks must be 16-256 (powers of two)" in proc.stderr

@@ -1,0 +1,218 @@
+"""Registers, spills and shared memory of our Parallax training kernels as the H200 would run them, measured on any
+machine: Triton compiles each kernel at each config its autotuner may pick (`candidate_configs`, bf16 inputs) for
+sm_90a, and ptxas (shipped with Triton) reports what it allocated. No GPU is needed, so a kernel change can be judged
+on the CPU machine before device time is spent: a tile that spills to local memory runs slower whatever else it does.
+
+    python benchmarks/kernel_registers.py --out analysis/kernels            # writes parallax_train_registers.md
+    python benchmarks/kernel_registers.py --head-dims 128 --kinds fwd       # a subset, printed only
+    python benchmarks/kernel_registers.py --kinds dkv --tiles 32x128x8x3 64x64x4x2   # other tiles than the candidates
+
+`--official DIR` adds the official Parallax forward (`parallax.triton.parallax_train._fwd_kernel` from the
+parallax-kernel wheel unpacked in DIR) at its own tile configs, for comparison. The PTX comes from the Triton here,
+which may differ from the device's (the header names both versions where known).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import kernels.parallax.triton as ours  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+KERNELS = {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkv": "_bwd_dkv_kernel"}
+# Argument types by name, for 16-bit inputs: the kernels' tensors, then their integer and float scalars.
+ARG_TYPES = {
+    **dict.fromkeys(["Q", "R", "K", "V", "GO", "O", "DQ", "DR", "DK", "DV"], "*bf16"),
+    "V16": "*fp16",
+    **dict.fromkeys(["RANGE_PARTS", "LSE2", "UBAR", "TT", "BB"], "*fp32"),
+    **dict.fromkeys(["n_parts", "T_q", "T_k", "TUNE_KEY", "H", "GROUP"], "i32"),
+    **dict.fromkeys(["qk_scale", "qk_scale2"], "fp32"),
+}
+PV_NAMES = {ours.PV_SPLIT.value: "split (L < 2048)", ours.PV_CHOOSE.value: "choose (L >= 2048)"}
+
+
+@dataclass
+class Build:
+    kernel: str
+    head_dim: int
+    mode: str
+    config: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared: int
+    seconds: float
+
+
+def ptxas_path() -> str:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not path.exists():
+        raise SystemExit(f"error: no ptxas at {path}; this Triton build does not ship one")
+    return str(path)
+
+
+def resources(ptx: str) -> tuple[int, int, int]:
+    """(registers, spill-store bytes, spill-load bytes) that `ptxas -v` reports for sm_90a."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        done = subprocess.run([ptxas_path(), "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+                              capture_output=True, text=True)  # fmt: skip
+    report = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {report[-500:]}")
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return int(registers.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def build(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> tuple[int, int, int, int]:
+    """Compile `fn` (a JITFunction) for sm_90a: (registers, spill stores, spill loads, shared memory bytes)."""
+    signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=TARGET,
+                              options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
+    return (*resources(compiled.asm["ptx"]), compiled.metadata.shared)
+
+
+def jit_function(kernel):
+    return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+
+
+def parse_tile(text: str) -> triton.Config:
+    """BLOCK_MxBLOCK_NxWARPSxSTAGES, e.g. 64x32x4x2 (the kernels' BLOCK_M and BLOCK_N, as in `candidate_configs`)."""
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"tile {text!r}: expected BLOCK_MxBLOCK_NxWARPSxSTAGES, e.g. 64x32x4x2")
+    block_m, block_n, warps, stages = map(int, parts)
+    if any(b not in (16, 32, 64, 128, 256) for b in (block_m, block_n)) or warps not in (1, 2, 4, 8) or stages < 1:
+        raise argparse.ArgumentTypeError(f"tile {text!r}: blocks must be 16-256 (powers of two), warps 1-8, stages >= 1")
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def our_builds(kinds: list[str], head_dims: list[int], tiles: list[triton.Config] | None = None) -> list[Build]:
+    """Every kernel kind x head dim x config (`tiles`, else the autotuner's candidates) x P V mode (forward)."""
+    rows = []
+    for kind in kinds:
+        fn = jit_function(getattr(ours, KERNELS[kind]))
+        modes = list(PV_NAMES) if kind == "fwd" else [None]
+        for head_dim in head_dims:
+            for config in tiles or ours.candidate_configs(kind, head_dim, torch.bfloat16):
+                for pv in modes:
+                    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, head_dim), "PREC": "tf32", **config.kwargs}
+                    if pv is not None:
+                        constexprs["PV"] = pv
+                    start = time.time()
+                    regs, stores, loads, shared = build(fn, ARG_TYPES, constexprs, config.num_warps, config.num_stages)
+                    rows.append(Build(kind, head_dim, PV_NAMES.get(pv, "-"), _label(config.kwargs["BLOCK_M"],
+                                      config.kwargs["BLOCK_N"], config.num_warps, config.num_stages), regs, stores,
+                                      loads, shared, time.time() - start))  # fmt: skip
+                    print(_row(rows[-1]), flush=True)
+    return rows
+
+
+# The official forward's own tiles (its autotuner's 36 configs include these): the 64x64 tile the tuning table found
+# fastest at L=16k, D=128 (analysis/kernels/parallax_fwd_tune.md), and the tiles ours uses.
+OFFICIAL_TILES = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 3), (128, 64, 8, 3)]
+
+
+def official_builds(folder: Path, head_dims: list[int]) -> list[Build]:
+    sys.path.insert(0, str(folder))
+    from parallax.triton import parallax_train  # noqa: PLC0415 (optional peer, imported on request)
+
+    fn = jit_function(parallax_train._fwd_kernel)
+    types = {name: "i32" for name in fn.arg_names if name.startswith("stride_") or name.startswith("N_")}
+    types |= {name: "*bf16" for name in ["q_ptr", "r_ptr", "k_ptr", "v_ptr", "o_ptr", "barv_ptr"]}
+    types |= {name: "*fp32" for name in ["d1_ptr", "bart_ptr", "m_ptr"]} | {"qk_scale": "fp32"}
+    rows = []
+    for head_dim in head_dims:
+        for block_m, block_n, warps, stages in OFFICIAL_TILES:
+            constexprs = {"HEAD_DIM": head_dim, "N_REP": 1, "WINDOW_SIZE_LEFT": -1, "ROW_TILE_SIZE": block_m,
+                          "COL_TILE_SIZE": block_n}  # fmt: skip
+            start = time.time()
+            regs, stores, loads, shared = build(fn, types, constexprs, warps, stages)
+            rows.append(Build("official fwd", head_dim, "bf16 dots", _label(block_m, block_n, warps, stages), regs,
+                              stores, loads, shared, time.time() - start))  # fmt: skip
+            print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def _label(block_m: int, block_n: int, warps: int, stages: int) -> str:
+    return f"{block_m}x{block_n}, {warps}w, {stages}s"
+
+
+def _row(b: Build) -> str:
+    return (f"| {b.kernel} | {b.head_dim} | {b.mode} | {b.config} | {b.registers} | {b.spill_stores} | "
+            f"{b.spill_loads} | {b.shared} |")  # fmt: skip
+
+
+def official_version(folder: Path | None) -> str | None:
+    """The parallax-kernel version of the wheel unpacked in `folder` (its dist-info folder's name)."""
+    if folder is None:
+        return None
+    infos = sorted(folder.glob("parallax_kernel-*.dist-info"))
+    return infos[0].name.removeprefix("parallax_kernel-").removesuffix(".dist-info") if infos else "unknown version"
+
+
+def markdown(rows: list[Build], command: str, seconds: float, official: str | None) -> str:
+    ptxas = subprocess.run([ptxas_path(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return "\n".join([
+        "# Parallax training kernels: registers and spills as built for the H200 (sm_90a)", "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- built on: {os.uname().machine} CPU, no GPU; triton {triton.__version__}, torch {torch.__version__}, "
+        f"ptxas {ptxas}" + (f"; official forward from parallax-kernel {official}" if official else ""),
+        f"- command: `{command}`",
+        f"- wall time: {seconds:.0f} s",
+        "- method: Triton compiles each kernel at each config (`candidate_configs`' for bf16 inputs unless the "
+        "command names tiles; the "
+        "forward in both its P V modes) to PTX for sm_90a; `ptxas -v` reports registers per thread (255 is the "
+        "most a thread can have) and the bytes each thread spills to local memory; shared memory from Triton's "
+        "metadata. The device's Triton may lay out registers differently from this one.", "",
+        "| kernel | D | P V mode | tile, warps, stages | registers | spill stores (B) | spill loads (B) | "
+        "shared memory (B) |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |",
+        *[_row(b) for b in rows], ""])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, help="folder for parallax_train_registers.md (else print only)")
+    p.add_argument("--kinds", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    p.add_argument("--head-dims", nargs="+", type=int, default=[8, 64, 128], choices=[8, 16, 32, 64, 128])
+    p.add_argument("--tiles", nargs="+", type=parse_tile, metavar="MxNxWxS",
+                   help="build these configs instead of the autotuner's candidates, e.g. 64x64x4x2")
+    p.add_argument("--official", type=Path, help="folder holding the unpacked parallax-kernel wheel")
+    args = p.parse_args(argv)
+    if args.official is not None and not (args.official / "parallax" / "triton" / "parallax_train.py").exists():
+        p.error(f"--official {args.official}: no parallax/triton/parallax_train.py there (unzip the wheel into it)")
+    ptxas_path()
+    start = time.time()
+    rows = our_builds(args.kinds, args.head_dims, args.tiles)
+    if args.official is not None:
+        rows += official_builds(args.official, [d for d in args.head_dims if d >= 16])
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = "python benchmarks/kernel_registers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        path = args.out / "parallax_train_registers.md"
+        path.write_text(markdown(rows, command, time.time() - start, official_version(args.official)))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

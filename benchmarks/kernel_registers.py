@@ -2,6 +2,9 @@
 machine: Triton compiles each kernel at each config its autotuner may pick (`candidate_configs`, bf16 inputs) for
 sm_90a, and ptxas (shipped with Triton) reports what it allocated. No GPU is needed, so a kernel change can be judged
 on the CPU machine before device time is spent: a tile that spills to local memory runs slower whatever else it does.
+Each build specializes its arguments as a launch at B=1, L=16384, H=16 would (`specialize`): without the alignment
+marks a launch adds, Triton neither vectorizes nor pipelines the loads, and the registers and spills it reports are
+those of a different binary.
 
     python benchmarks/kernel_registers.py --out analysis/kernels            # writes parallax_train_registers.md
     python benchmarks/kernel_registers.py --head-dims 128 --kinds fwd       # a subset, printed only
@@ -29,21 +32,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402 (how a launch specializes its arguments)
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import kernels.parallax.triton as ours  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 KERNELS = {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkv": "_bwd_dkv_kernel"}
-# Argument types by name, for 16-bit inputs: the kernels' tensors, then their integer and float scalars.
-ARG_TYPES = {
-    **dict.fromkeys(["Q", "R", "K", "V", "GO", "O", "DQ", "DR", "DK", "DV"], "*bf16"),
-    "V16": "*fp16",
-    **dict.fromkeys(["RANGE_PARTS", "LSE2", "UBAR", "TT", "BB"], "*fp32"),
-    **dict.fromkeys(["n_parts", "T_q", "T_k", "TUNE_KEY", "H", "GROUP"], "i32"),
-    **dict.fromkeys(["qk_scale", "qk_scale2"], "fp32"),
-}
+# What a launch at B=1, L=16384, H=16, D=128 (bf16) passes our kernels, by argument name: tensors stand in for the
+# device buffers (only their dtype and 16-byte alignment matter), the scalars as `parallax_fwd`/`parallax_bwd` pass them.
+SEQ = 16384
+
+
+def our_args() -> dict[str, object]:
+    tensor = lambda dtype: torch.empty(16, dtype=dtype)  # noqa: E731
+    return {
+        **{name: tensor(torch.bfloat16) for name in ["Q", "R", "K", "V", "GO", "O", "DQ", "DR", "DK", "DV"]},
+        "V16": tensor(torch.float16),
+        **{name: tensor(torch.float32) for name in ["RANGE_PARTS", "LSE2", "UBAR", "TT", "BB"]},
+        "n_parts": 64, "T_q": SEQ, "T_k": SEQ, "TUNE_KEY": 29, "H": 16, "GROUP": 1,
+        "qk_scale": 0.088, "qk_scale2": 0.127,
+    }  # fmt: skip
 PV_NAMES = {ours.PV_SPLIT.value: "split (L < 2048)", ours.PV_CHOOSE.value: "choose (L >= 2048)"}
 
 
@@ -82,10 +92,31 @@ def resources(ptx: str) -> tuple[int, int, int]:
     return int(registers.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
-def build(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> tuple[int, int, int, int]:
-    """Compile `fn` (a JITFunction) for sm_90a: (registers, spill stores, spill loads, shared memory bytes)."""
-    signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=TARGET,
+def specialize(fn, args: dict[str, object], constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attributes) of `fn` launched with `args` and `constexprs`, as a launch derives them:
+    16-byte-aligned pointers and integers divisible by 16 are marked so, integers equal to 1 become constants, except
+    where the kernel says `do_not_specialize`."""
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for param in fn.params:
+        name = param.name
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        kind, desc = native_specialize_impl(BaseBackend, args[name], False, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)  # fmt: skip
+        signature[name] = kind
+        if kind == "constexpr":
+            constants[name] = desc
+        elif desc:
+            attrs[(param.num,)] = BaseBackend.parse_attr(desc)
+    return signature, constants, attrs
+
+
+def build(fn, args: dict[str, object], constexprs: dict, num_warps: int, num_stages: int) -> tuple[int, int, int, int]:
+    """Compile `fn` (a JITFunction) for sm_90a as a launch with `args` would: (registers, spill stores, spill loads,
+    shared memory bytes)."""
+    signature, constants, attrs = specialize(fn, args, constexprs)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs), target=TARGET,
                               options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
     return (*resources(compiled.asm["ptx"]), compiled.metadata.shared)
 
@@ -118,7 +149,8 @@ def our_builds(kinds: list[str], head_dims: list[int], tiles: list[triton.Config
                     if pv is not None:
                         constexprs["PV"] = pv
                     start = time.time()
-                    regs, stores, loads, shared = build(fn, ARG_TYPES, constexprs, config.num_warps, config.num_stages)
+                    regs, stores, loads, shared = build(fn, our_args(), constexprs, config.num_warps,
+                                                        config.num_stages)  # fmt: skip
                     rows.append(Build(kind, head_dim, PV_NAMES.get(pv, "-"), _label(config.kwargs["BLOCK_M"],
                                       config.kwargs["BLOCK_N"], config.num_warps, config.num_stages), regs, stores,
                                       loads, shared, time.time() - start))  # fmt: skip
@@ -131,21 +163,32 @@ def our_builds(kinds: list[str], head_dims: list[int], tiles: list[triton.Config
 OFFICIAL_TILES = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 3), (128, 64, 8, 3)]
 
 
+def official_args(head_dim: int) -> dict[str, object]:
+    """What `parallax.triton.parallax_train.parallax_fwd` passes its kernel for contiguous bf16 q, r, k, v of shape
+    (B * H, L, D) = (16, SEQ, head_dim): each last stride is 1, which a launch turns into a constant."""
+    bf16, fp32 = torch.empty(16, dtype=torch.bfloat16), torch.empty(16, dtype=torch.float32)
+    args = {f"{name}_ptr": bf16 for name in ["q", "r", "k", "v", "o", "barv"]}
+    args |= {f"{name}_ptr": fp32 for name in ["d1", "bart", "m"]}
+    for name in ["q", "r", "k", "v", "o", "barv"]:  # (B * H, L, D)
+        sep, row = ("_" if name == "barv" else ""), ("k" if name in ("k", "v") else "q")
+        args |= {f"stride_{name}{sep}b": SEQ * head_dim, f"stride_{name}{sep}{row}": head_dim, f"stride_{name}{sep}d": 1}
+    for name in ["d1", "bart", "m"]:  # (B * H, L, 1) fp32
+        args |= {f"stride_{name}_b": SEQ, f"stride_{name}_q": 1}
+    return args | {"qk_scale": 0.088, "N_QUERIES": SEQ, "N_KEYVALS": SEQ}
+
+
 def official_builds(folder: Path, head_dims: list[int]) -> list[Build]:
     sys.path.insert(0, str(folder))
     from parallax.triton import parallax_train  # noqa: PLC0415 (optional peer, imported on request)
 
     fn = jit_function(parallax_train._fwd_kernel)
-    types = {name: "i32" for name in fn.arg_names if name.startswith("stride_") or name.startswith("N_")}
-    types |= {name: "*bf16" for name in ["q_ptr", "r_ptr", "k_ptr", "v_ptr", "o_ptr", "barv_ptr"]}
-    types |= {name: "*fp32" for name in ["d1_ptr", "bart_ptr", "m_ptr"]} | {"qk_scale": "fp32"}
     rows = []
     for head_dim in head_dims:
         for block_m, block_n, warps, stages in OFFICIAL_TILES:
             constexprs = {"HEAD_DIM": head_dim, "N_REP": 1, "WINDOW_SIZE_LEFT": -1, "ROW_TILE_SIZE": block_m,
                           "COL_TILE_SIZE": block_n}  # fmt: skip
             start = time.time()
-            regs, stores, loads, shared = build(fn, types, constexprs, warps, stages)
+            regs, stores, loads, shared = build(fn, official_args(head_dim), constexprs, warps, stages)
             rows.append(Build("official fwd", head_dim, "bf16 dots", _label(block_m, block_n, warps, stages), regs,
                               stores, loads, shared, time.time() - start))  # fmt: skip
             print(_row(rows[-1]), flush=True)

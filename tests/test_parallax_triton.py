@@ -312,3 +312,33 @@ def test_register_report_builds_for_sm90_on_the_cpu(tmp_path):
 def test_register_report_refuses_a_malformed_tile():
     proc = _script("benchmarks/kernel_registers.py", "--tiles", "64x48x4x2")
     assert proc.returncode == 2 and "blocks must be 16-256 (powers of two)" in proc.stderr
+
+
+def test_register_report_specializes_arguments_as_a_launch_does(tmp_path):
+    """Aligned pointers and integers divisible by 16 carry Triton's divisibility mark, integers equal to 1 become
+    constants, and `do_not_specialize` arguments stay plain: else the report describes a different binary."""
+    code = """
+import triton, triton.language as tl
+from benchmarks.kernel_registers import jit_function, our_args, specialize
+import kernels.parallax.triton as ours
+
+fn = jit_function(ours._bwd_dq_kernel)
+signature, constants, attrs = specialize(fn, our_args(), {"HEAD_DIM": 64, "BLOCK_D": 64, "PREC": "tf32",
+                                                         "BLOCK_M": 64, "BLOCK_N": 32})
+index = {name: i for i, name in enumerate(fn.arg_names)}
+assert signature["Q"] == "*bf16" and attrs[(index["Q"],)] == [["tt.divisibility", 16]]
+assert signature["T_q"] == "i32" and (index["T_q"],) not in attrs  # do_not_specialize
+assert signature["HEAD_DIM"] == "constexpr" and constants["HEAD_DIM"] == 64
+
+@triton.jit
+def k(x, n, one):
+    pass
+
+signature, constants, attrs = specialize(k, {"x": our_args()["Q"], "n": 32, "one": 1}, {})
+assert attrs == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+assert signature["one"] == "constexpr" and constants["one"] == 1
+print("ok")
+"""
+    (tmp_path / "specialize_check.py").write_text(code)  # triton.jit needs its kernel in a file
+    proc = _script(str(tmp_path / "specialize_check.py"))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr

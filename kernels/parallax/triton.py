@@ -61,10 +61,10 @@ def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
 
 
 # Candidate tiles per kernel and head-dim class (small: D <= 32, mid: D = 64, large: D = 128) for 16-bit inputs,
-# picked from sm_90 builds (ptxas -v) and H200 timings; the two fp32 [BLOCK, D] accumulators are what limit the
-# tiles, and at D >= 64 every candidate spills some registers (analysis/kernels/parallax_train_registers.md, from
-# benchmarks/kernel_registers.py). 64 rows of the tile per 4 warps keep each warpgroup on its own rows. Kept short
-# so that compile and autotune stay a few seconds per head dim.
+# picked from sm_90 builds (ptxas -v) for few or no register spills (analysis/kernels/parallax_train_registers.md,
+# from benchmarks/kernel_registers.py): the two fp32 [BLOCK, D] accumulators are what limit the tiles. 64 rows of the
+# tile per 4 warps keep each warpgroup on its own rows. Kept short so that compile and autotune stay a few seconds per
+# head dim.
 GPU_CONFIGS: dict[str, dict[str, list[triton.Config]]] = {
     "fwd": {
         "small": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],

@@ -223,7 +223,8 @@ def markdown(rows: list[Build], command: str, seconds: float, official: str | No
         f"- wall time: {seconds:.0f} s",
         "- method: Triton compiles each kernel at each config (`candidate_configs`' for bf16 inputs unless the "
         "command names tiles; the "
-        "forward in both its P V modes) to PTX for sm_90a; `ptxas -v` reports registers per thread (255 is the "
+        "forward in both its P V modes) to PTX for sm_90a, its arguments specialized (alignment marks, constants) as "
+        f"a launch at B=1, L={SEQ}, H=16 specializes them; `ptxas -v` reports registers per thread (255 is the "
         "most a thread can have) and the bytes each thread spills to local memory; shared memory from Triton's "
         "metadata. The device's Triton may lay out registers differently from this one.", "",
         "| kernel | D | P V mode | tile, warps, stages | registers | spill stores (B) | spill loads (B) | "

@@ -58,23 +58,44 @@ PV_NAMES = {ours.PV_SPLIT.value: "split (L < 2048)", ours.PV_CHOOSE.value: "choo
 
 
 @dataclass
+class Resources:
+    """What one sm_90a binary uses: per-thread registers and spill bytes (ptxas), shared memory bytes (Triton), and
+    its wgmma (HGMMA) instructions with the waits among them (WARPGROUP.DEPBAR, from nvdisasm)."""
+
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared: int
+    wgmma: int
+    wgmma_waits: int
+
+
+@dataclass
 class Build:
     kernel: str
     head_dim: int
     mode: str
     config: str
-    registers: int
-    spill_stores: int
-    spill_loads: int
-    shared: int
+    res: Resources
     seconds: float
 
 
-def ptxas_path() -> str:
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+def nvidia_tool(name: str) -> str:
+    """Path of a CUDA tool that Triton ships (ptxas, nvdisasm)."""
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
     if not path.exists():
-        raise SystemExit(f"error: no ptxas at {path}; this Triton build does not ship one")
+        raise SystemExit(f"error: no {name} at {path}; this Triton build does not ship one")
     return str(path)
+
+
+def wgmma_counts(cubin: bytes) -> tuple[int, int]:
+    """(wgmma instructions, waits for them) in the SASS of `cubin`. As many waits as wgmmas: each tensor-core op
+    waits for the one before it to finish, and none overlaps other work."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([nvidia_tool("nvdisasm"), "-c", str(path)], capture_output=True, text=True, check=True)
+    return sass.stdout.count("HGMMA"), sass.stdout.count("WARPGROUP.DEPBAR")
 
 
 def resources(ptx: str) -> tuple[int, int, int]:
@@ -82,7 +103,7 @@ def resources(ptx: str) -> tuple[int, int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
-        done = subprocess.run([ptxas_path(), "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+        done = subprocess.run([nvidia_tool("ptxas"), "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
                               capture_output=True, text=True)  # fmt: skip
     report = done.stdout + done.stderr
     if done.returncode != 0:
@@ -112,13 +133,12 @@ def specialize(fn, args: dict[str, object], constexprs: dict) -> tuple[dict, dic
     return signature, constants, attrs
 
 
-def build(fn, args: dict[str, object], constexprs: dict, num_warps: int, num_stages: int) -> tuple[int, int, int, int]:
-    """Compile `fn` (a JITFunction) for sm_90a as a launch with `args` would: (registers, spill stores, spill loads,
-    shared memory bytes)."""
+def build(fn, args: dict[str, object], constexprs: dict, num_warps: int, num_stages: int) -> Resources:
+    """Compile `fn` (a JITFunction) for sm_90a as a launch with `args` would, and measure the binary."""
     signature, constants, attrs = specialize(fn, args, constexprs)
     compiled = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs), target=TARGET,
                               options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
-    return (*resources(compiled.asm["ptx"]), compiled.metadata.shared)
+    return Resources(*resources(compiled.asm["ptx"]), compiled.metadata.shared, *wgmma_counts(compiled.asm["cubin"]))
 
 
 def jit_function(kernel):
@@ -149,11 +169,10 @@ def our_builds(kinds: list[str], head_dims: list[int], tiles: list[triton.Config
                     if pv is not None:
                         constexprs["PV"] = pv
                     start = time.time()
-                    regs, stores, loads, shared = build(fn, our_args(), constexprs, config.num_warps,
-                                                        config.num_stages)  # fmt: skip
+                    res = build(fn, our_args(), constexprs, config.num_warps, config.num_stages)
                     rows.append(Build(kind, head_dim, PV_NAMES.get(pv, "-"), _label(config.kwargs["BLOCK_M"],
-                                      config.kwargs["BLOCK_N"], config.num_warps, config.num_stages), regs, stores,
-                                      loads, shared, time.time() - start))  # fmt: skip
+                                      config.kwargs["BLOCK_N"], config.num_warps, config.num_stages), res,
+                                      time.time() - start))  # fmt: skip
                     print(_row(rows[-1]), flush=True)
     return rows
 
@@ -188,9 +207,9 @@ def official_builds(folder: Path, head_dims: list[int]) -> list[Build]:
             constexprs = {"HEAD_DIM": head_dim, "N_REP": 1, "WINDOW_SIZE_LEFT": -1, "ROW_TILE_SIZE": block_m,
                           "COL_TILE_SIZE": block_n}  # fmt: skip
             start = time.time()
-            regs, stores, loads, shared = build(fn, official_args(head_dim), constexprs, warps, stages)
-            rows.append(Build("official fwd", head_dim, "bf16 dots", _label(block_m, block_n, warps, stages), regs,
-                              stores, loads, shared, time.time() - start))  # fmt: skip
+            res = build(fn, official_args(head_dim), constexprs, warps, stages)
+            rows.append(Build("official fwd", head_dim, "bf16 dots", _label(block_m, block_n, warps, stages), res,
+                              time.time() - start))  # fmt: skip
             print(_row(rows[-1]), flush=True)
     return rows
 
@@ -200,8 +219,9 @@ def _label(block_m: int, block_n: int, warps: int, stages: int) -> str:
 
 
 def _row(b: Build) -> str:
-    return (f"| {b.kernel} | {b.head_dim} | {b.mode} | {b.config} | {b.registers} | {b.spill_stores} | "
-            f"{b.spill_loads} | {b.shared} |")  # fmt: skip
+    r = b.res
+    return (f"| {b.kernel} | {b.head_dim} | {b.mode} | {b.config} | {r.registers} | {r.spill_stores} | "
+            f"{r.spill_loads} | {r.shared} | {r.wgmma} | {r.wgmma_waits} |")  # fmt: skip
 
 
 def official_version(folder: Path | None) -> str | None:
@@ -213,9 +233,9 @@ def official_version(folder: Path | None) -> str | None:
 
 
 def markdown(rows: list[Build], command: str, seconds: float, official: str | None) -> str:
-    ptxas = subprocess.run([ptxas_path(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    ptxas = subprocess.run([nvidia_tool("ptxas"), "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     return "\n".join([
-        "# Parallax training kernels: registers and spills as built for the H200 (sm_90a)", "",
+        "# Parallax training kernels: registers, spills and tensor-core waits as built for the H200 (sm_90a)", "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- built on: {os.uname().machine} CPU, no GPU; triton {triton.__version__}, torch {torch.__version__}, "
         f"ptxas {ptxas}" + (f"; official forward from parallax-kernel {official}" if official else ""),
@@ -226,10 +246,12 @@ def markdown(rows: list[Build], command: str, seconds: float, official: str | No
         "forward in both its P V modes) to PTX for sm_90a, its arguments specialized (alignment marks, constants) as "
         f"a launch at B=1, L={SEQ}, H=16 specializes them; `ptxas -v` reports registers per thread (255 is the "
         "most a thread can have) and the bytes each thread spills to local memory; shared memory from Triton's "
-        "metadata. The device's Triton may lay out registers differently from this one.", "",
+        "metadata; wgmma: the HGMMA instructions in the binary, waits: the WARPGROUP.DEPBAR among them (nvdisasm). "
+        "As many waits as wgmmas means every tensor-core op waits for the one before it: none is overlapped with "
+        "another or with the softmax arithmetic. The device's Triton may build differently from this one.", "",
         "| kernel | D | P V mode | tile, warps, stages | registers | spill stores (B) | spill loads (B) | "
-        "shared memory (B) |",
-        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |",
+        "shared memory (B) | wgmma | waits |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *[_row(b) for b in rows], ""])  # fmt: skip
 
 
@@ -244,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.official is not None and not (args.official / "parallax" / "triton" / "parallax_train.py").exists():
         p.error(f"--official {args.official}: no parallax/triton/parallax_train.py there (unzip the wheel into it)")
-    ptxas_path()
+    nvidia_tool("ptxas"), nvidia_tool("nvdisasm")
     start = time.time()
     rows = our_builds(args.kinds, args.head_dims, args.tiles)
     if args.official is not None:

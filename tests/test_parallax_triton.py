@@ -296,17 +296,17 @@ def test_choose_streams_an_fp16_copy_of_v_on_its_fp16_path(tri, monkeypatch):
 
 def test_register_report_builds_for_sm90_on_the_cpu(tmp_path):
     """benchmarks/kernel_registers.py compiles a kernel for the H200 here (Triton's ptxas, no GPU) and reports it."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip(f"this Triton build ships no ptxas ({ptxas}), which the report needs")
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not ((tools / "ptxas").exists() and (tools / "nvdisasm").exists()):
+        pytest.skip(f"this Triton build ships no ptxas and nvdisasm in {tools}, which the report needs")
     proc = _script("benchmarks/kernel_registers.py", "--kinds", "dq", "--head-dims", "8", "--tiles", "64x32x4x2",
                    "--out", str(tmp_path))  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in (tmp_path / "parallax_train_registers.md").read_text().splitlines()
             if line.startswith("| dq |")]  # fmt: skip
     assert len(rows) == 1
-    registers, stores, loads = (int(cell) for cell in rows[0].strip("|").split("|")[4:7])
-    assert 0 < registers <= 255 and stores >= 0 and loads >= 0
+    registers, stores, loads, _, wgmma, waits = (int(cell) for cell in rows[0].strip("|").split("|")[4:10])
+    assert 0 < registers <= 255 and stores >= 0 and loads >= 0 and 0 <= waits <= wgmma
 
 
 def test_register_report_refuses_a_malformed_tile():

@@ -10,14 +10,16 @@ those of a different binary.
     python benchmarks/kernel_registers.py --head-dims 128 --kinds fwd       # a subset, printed only
     python benchmarks/kernel_registers.py --kinds dkv --tiles 32x128x8x3 64x64x4x2   # other tiles than the candidates
 
-`--official DIR` adds the official Parallax forward (`parallax.triton.parallax_train._fwd_kernel` from the
-parallax-kernel wheel unpacked in DIR) at its own tile configs, for comparison. The PTX comes from the Triton here,
+`--official DIR` adds the official Parallax kernels (`parallax.triton.parallax_train`'s forward, dq/dr and dk/dv
+kernels from the parallax-kernel wheel unpacked in DIR) at its own tile configs, for comparison, each built with the
+arguments its host wrappers pass (recorded, not run). The PTX comes from the Triton here,
 which may differ from the device's (the header names both versions where known).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import re
@@ -177,40 +179,60 @@ def our_builds(kinds: list[str], head_dims: list[int], tiles: list[triton.Config
     return rows
 
 
-# The official forward's own tiles (its autotuner's 36 configs include these): the 64x64 tile the tuning table found
-# fastest at L=16k, D=128 (analysis/kernels/parallax_fwd_tune.md), and the tiles ours uses.
+# Official tiles (its autotuners' 36 configs include these): the 64x64 forward tile the tuning table found fastest
+# at L=16k, D=128 (analysis/kernels/parallax_fwd_tune.md), and tiles ours uses.
 OFFICIAL_TILES = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 3), (128, 64, 8, 3)]
 
 
-def official_args(head_dim: int) -> dict[str, object]:
-    """What `parallax.triton.parallax_train.parallax_fwd` passes its kernel for contiguous bf16 q, r, k, v of shape
-    (B * H, L, D) = (16, SEQ, head_dim): each last stride is 1, which a launch turns into a constant."""
-    bf16, fp32 = torch.empty(16, dtype=torch.bfloat16), torch.empty(16, dtype=torch.float32)
-    args = {f"{name}_ptr": bf16 for name in ["q", "r", "k", "v", "o", "barv"]}
-    args |= {f"{name}_ptr": fp32 for name in ["d1", "bart", "m"]}
-    for name in ["q", "r", "k", "v", "o", "barv"]:  # (B * H, L, D)
-        sep, row = ("_" if name == "barv" else ""), ("k" if name in ("k", "v") else "q")
-        args |= {f"stride_{name}{sep}b": SEQ * head_dim, f"stride_{name}{sep}{row}": head_dim, f"stride_{name}{sep}d": 1}
-    for name in ["d1", "bart", "m"]:  # (B * H, L, 1) fp32
-        args |= {f"stride_{name}_b": SEQ, f"stride_{name}_q": 1}
-    return args | {"qk_scale": 0.088, "N_QUERIES": SEQ, "N_KEYVALS": SEQ}
+@contextlib.contextmanager
+def recorded_launches():
+    """Within the block every Triton launch is recorded instead of run: yields a list that receives
+    (JITFunction, {argument name: value}) per launch, so a host wrapper shows what it would pass its kernels."""
+    calls = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        fn = jit_function(self)
+        calls.append((fn, dict(zip(fn.arg_names, args)) | kwargs))
+
+    saved = triton.runtime.jit.JITFunction.run, triton.runtime.Autotuner.run
+    triton.runtime.jit.JITFunction.run = triton.runtime.Autotuner.run = record
+    try:
+        yield calls
+    finally:
+        triton.runtime.jit.JITFunction.run, triton.runtime.Autotuner.run = saved
+
+
+# The official kernels that do the work (its backward's preprocess kernel is elementwise), as this table names them.
+OFFICIAL_KERNELS = {"_fwd_kernel": "official fwd", "_bwd_rq_kernel": "official dq, dr", "_bwd_kv_kernel": "official dk, dv"}
+
+
+def official_launches(parallax_train, head_dim: int) -> list[tuple[str, object, dict]]:
+    """(label, JITFunction, arguments) of each official kernel as its forward and backward wrappers launch it for
+    contiguous bf16 (B * H, L, D) = (2, SEQ, head_dim) inputs: empty CPU tensors stand in for the device buffers,
+    and no kernel runs."""
+    x = lambda: torch.empty(2, SEQ, head_dim, dtype=torch.bfloat16)  # noqa: E731
+    q, r, k, v = x(), x(), x(), x()
+    with recorded_launches() as calls:
+        o, barv, d1, bart, m = parallax_train.parallax_fwd(q, r, k, v, head_dim**-0.5)
+        parallax_train.parallax_bwd(q, r, k, v, o, barv, d1, bart, m, x(), head_dim**-0.5)
+    return [(OFFICIAL_KERNELS[fn.__name__], fn, args) for fn, args in calls if fn.__name__ in OFFICIAL_KERNELS]
 
 
 def official_builds(folder: Path, head_dims: list[int]) -> list[Build]:
     sys.path.insert(0, str(folder))
     from parallax.triton import parallax_train  # noqa: PLC0415 (optional peer, imported on request)
 
-    fn = jit_function(parallax_train._fwd_kernel)
     rows = []
     for head_dim in head_dims:
-        for block_m, block_n, warps, stages in OFFICIAL_TILES:
-            constexprs = {"HEAD_DIM": head_dim, "N_REP": 1, "WINDOW_SIZE_LEFT": -1, "ROW_TILE_SIZE": block_m,
-                          "COL_TILE_SIZE": block_n}  # fmt: skip
-            start = time.time()
-            res = build(fn, official_args(head_dim), constexprs, warps, stages)
-            rows.append(Build("official fwd", head_dim, "bf16 dots", _label(block_m, block_n, warps, stages), res,
-                              time.time() - start))  # fmt: skip
-            print(_row(rows[-1]), flush=True)
+        for label, fn, args in official_launches(parallax_train, head_dim):
+            given = {p.name: args[p.name] for p in fn.params if p.is_constexpr and p.name in args}
+            for block_m, block_n, warps, stages in OFFICIAL_TILES:
+                constexprs = given | {"ROW_TILE_SIZE": block_m, "COL_TILE_SIZE": block_n}
+                start = time.time()
+                res = build(fn, args, constexprs, warps, stages)
+                rows.append(Build(label, head_dim, "bf16 dots", _label(block_m, block_n, warps, stages), res,
+                                  time.time() - start))  # fmt: skip
+                print(_row(rows[-1]), flush=True)
     return rows
 
 
@@ -238,7 +260,7 @@ def markdown(rows: list[Build], command: str, seconds: float, official: str | No
         "# Parallax training kernels: registers, spills and tensor-core waits as built for the H200 (sm_90a)", "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- built on: {os.uname().machine} CPU, no GPU; triton {triton.__version__}, torch {torch.__version__}, "
-        f"ptxas {ptxas}" + (f"; official forward from parallax-kernel {official}" if official else ""),
+        f"ptxas {ptxas}" + (f"; official kernels from parallax-kernel {official}" if official else ""),
         f"- command: `{command}`",
         f"- wall time: {seconds:.0f} s",
         "- method: Triton compiles each kernel at each config (`candidate_configs`' for bf16 inputs unless the "

@@ -2,9 +2,10 @@
 machine: Triton compiles each kernel at each config its autotuner may pick (`candidate_configs`, bf16 inputs) for
 sm_90a, and ptxas (shipped with Triton) reports what it allocated. No GPU is needed, so a kernel change can be judged
 on the CPU machine before device time is spent: a tile that spills to local memory runs slower whatever else it does.
-Each build specializes its arguments as a launch at B=1, L=16384, H=16 would (`specialize`): without the alignment
-marks a launch adds, Triton neither vectorizes nor pipelines the loads, and the registers and spills it reports are
-those of a different binary.
+Each kernel is built with the arguments our host wrappers pass it for bf16 inputs at B=1, H=16 (L=1024 for the split
+forward, L=16384 for the rest), recorded, not run (`recorded_launches`), and specialized as a launch would
+(`specialize`): without the alignment marks a launch adds, Triton neither vectorizes nor pipelines the loads, and the
+registers and spills it reports are those of a different binary.
 
     python benchmarks/kernel_registers.py --out analysis/kernels            # writes parallax_train_registers.md
     python benchmarks/kernel_registers.py --head-dims 128 --kinds fwd       # a subset, printed only
@@ -42,21 +43,10 @@ import kernels.parallax.triton as ours  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 KERNELS = {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkv": "_bwd_dkv_kernel"}
-# What a launch at B=1, L=16384, H=16, D=128 (bf16) passes our kernels, by argument name: tensors stand in for the
-# device buffers (only their dtype and 16-byte alignment matter), the scalars as `parallax_fwd`/`parallax_bwd` pass them.
-SEQ = 16384
-
-
-def our_args() -> dict[str, object]:
-    tensor = lambda dtype: torch.empty(16, dtype=dtype)  # noqa: E731
-    return {
-        **{name: tensor(torch.bfloat16) for name in ["Q", "R", "K", "V", "GO", "O", "DQ", "DR", "DK", "DV"]},
-        "V16": tensor(torch.float16),
-        **{name: tensor(torch.float32) for name in ["RANGE_PARTS", "LSE2", "UBAR", "TT", "BB"]},
-        "n_parts": 64, "T_q": SEQ, "T_k": SEQ, "TUNE_KEY": 29, "H": 16, "GROUP": 1,
-        "qk_scale": 0.088, "qk_scale2": 0.127,
-    }  # fmt: skip
-PV_NAMES = {ours.PV_SPLIT.value: "split (L < 2048)", ours.PV_CHOOSE.value: "choose (L >= 2048)"}
+SEQ = 16384  # the sequence length of the recorded launches (the split forward: SHORT_SEQ, where bf16 takes it)
+SHORT_SEQ = 1024
+PV_NAMES = {ours.PV_PLAIN.value: "plain", ours.PV_FP16.value: "fp16", ours.PV_SPLIT.value: "split",
+            ours.PV_CHOOSE.value: "choose"}  # fmt: skip
 
 
 @dataclass
@@ -158,32 +148,6 @@ def parse_tile(text: str) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-def our_builds(kinds: list[str], head_dims: list[int], tiles: list[triton.Config] | None = None) -> list[Build]:
-    """Every kernel kind x head dim x config (`tiles`, else the autotuner's candidates) x P V mode (forward)."""
-    rows = []
-    for kind in kinds:
-        fn = jit_function(getattr(ours, KERNELS[kind]))
-        modes = list(PV_NAMES) if kind == "fwd" else [None]
-        for head_dim in head_dims:
-            for config in tiles or ours.candidate_configs(kind, head_dim, torch.bfloat16):
-                for pv in modes:
-                    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, head_dim), "PREC": "tf32", **config.kwargs}
-                    if pv is not None:
-                        constexprs["PV"] = pv
-                    start = time.time()
-                    res = build(fn, our_args(), constexprs, config.num_warps, config.num_stages)
-                    rows.append(Build(kind, head_dim, PV_NAMES.get(pv, "-"), _label(config.kwargs["BLOCK_M"],
-                                      config.kwargs["BLOCK_N"], config.num_warps, config.num_stages), res,
-                                      time.time() - start))  # fmt: skip
-                    print(_row(rows[-1]), flush=True)
-    return rows
-
-
-# Official tiles (its autotuners' 36 configs include these): the 64x64 forward tile the tuning table found fastest
-# at L=16k, D=128 (analysis/kernels/parallax_fwd_tune.md), and tiles ours uses.
-OFFICIAL_TILES = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 3), (128, 64, 8, 3)]
-
-
 @contextlib.contextmanager
 def recorded_launches():
     """Within the block every Triton launch is recorded instead of run: yields a list that receives
@@ -200,6 +164,44 @@ def recorded_launches():
         yield calls
     finally:
         triton.runtime.jit.JITFunction.run, triton.runtime.Autotuner.run = saved
+
+
+def our_launches(head_dim: int) -> list[tuple[str, str, object, dict]]:
+    """(kind, mode, JITFunction, arguments) of each of our training kernels as `parallax_fwd` and `parallax_bwd`
+    launch them for bf16 inputs [B, L, H, D] = [1, L, 16, head_dim]: the forward at SHORT_SEQ and at SEQ, the
+    backward at SEQ. Empty CPU tensors stand in for the device buffers, and no kernel runs."""
+    inputs = lambda seq: [torch.empty(1, seq, 16, head_dim, dtype=torch.bfloat16) for _ in range(4)]  # noqa: E731
+    scale = head_dim**-0.5
+    with recorded_launches() as calls:
+        ours.parallax_fwd(*inputs(SHORT_SEQ), scale)
+        q, r, k, v = inputs(SEQ)
+        _, lse2, u_bar = ours.parallax_fwd(q, r, k, v, scale)
+        ours.parallax_bwd(q, r, k, v, lse2, u_bar, torch.empty_like(q), scale)
+    kinds = {name: kind for kind, name in KERNELS.items()}
+    return [(kinds[fn.__name__], f"{PV_NAMES[args['PV']]} (L = {args['T_q']})" if "PV" in args else "-", fn, args)
+            for fn, args in calls if fn.__name__ in kinds]  # fmt: skip
+
+
+def our_builds(kinds: list[str], head_dims: list[int], tiles: list[triton.Config] | None = None) -> list[Build]:
+    """Every recorded launch of the chosen kernel kinds x head dim x config (`tiles`, else the autotuner's
+    candidates)."""
+    rows, launches = [], {head_dim: our_launches(head_dim) for head_dim in head_dims}
+    for kind in kinds:
+        for head_dim in head_dims:
+            for config in tiles or ours.candidate_configs(kind, head_dim, torch.bfloat16):
+                for _, mode, fn, args in [launch for launch in launches[head_dim] if launch[0] == kind]:
+                    given = {p.name: args[p.name] for p in fn.params if p.is_constexpr and p.name in args}
+                    start = time.time()
+                    res = build(fn, args, given | config.kwargs, config.num_warps, config.num_stages)
+                    rows.append(Build(kind, head_dim, mode, _label(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"],
+                                      config.num_warps, config.num_stages), res, time.time() - start))  # fmt: skip
+                    print(_row(rows[-1]), flush=True)
+    return rows
+
+
+# Official tiles (its autotuners' 36 configs include these): the 64x64 forward tile the tuning table found fastest
+# at L=16k, D=128 (analysis/kernels/parallax_fwd_tune.md), and tiles ours uses.
+OFFICIAL_TILES = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 3), (128, 64, 8, 3)]
 
 
 # The official kernels that do the work (its backward's preprocess kernel is elementwise), as this table names them.
@@ -264,9 +266,9 @@ def markdown(rows: list[Build], command: str, seconds: float, official: str | No
         f"- command: `{command}`",
         f"- wall time: {seconds:.0f} s",
         "- method: Triton compiles each kernel at each config (`candidate_configs`' for bf16 inputs unless the "
-        "command names tiles; the "
-        "forward in both its P V modes) to PTX for sm_90a, its arguments specialized (alignment marks, constants) as "
-        f"a launch at B=1, L={SEQ}, H=16 specializes them; `ptxas -v` reports registers per thread (255 is the "
+        "command names tiles) to PTX for sm_90a, with the arguments our host wrappers (and the official ones) pass "
+        f"it for bf16 inputs at B=1, H=16 (our forward at L={SHORT_SEQ} and L={SEQ}, the rest at L={SEQ}; recorded, "
+        "not run), specialized (alignment marks, constants) as a launch would; `ptxas -v` reports registers per thread (255 is the "
         "most a thread can have) and the bytes each thread spills to local memory; shared memory from Triton's "
         "metadata; wgmma: the HGMMA instructions in the binary, waits: the WARPGROUP.DEPBAR among them (nvdisasm). "
         "As many waits as wgmmas means every tensor-core op waits for the one before it: none is overlapped with "

@@ -319,12 +319,12 @@ def test_register_report_specializes_arguments_as_a_launch_does(tmp_path):
     constants, and `do_not_specialize` arguments stay plain: else the report describes a different binary."""
     code = """
 import triton, triton.language as tl
-from benchmarks.kernel_registers import jit_function, our_args, specialize
-import kernels.parallax.triton as ours
+import torch
+from benchmarks.kernel_registers import our_launches, specialize
 
-fn = jit_function(ours._bwd_dq_kernel)
-signature, constants, attrs = specialize(fn, our_args(), {"HEAD_DIM": 64, "BLOCK_D": 64, "PREC": "tf32",
-                                                         "BLOCK_M": 64, "BLOCK_N": 32})
+((_, _, fn, args),) = [launch for launch in our_launches(64) if launch[0] == "dq"]
+signature, constants, attrs = specialize(fn, args, {"HEAD_DIM": 64, "BLOCK_D": 64, "PREC": "tf32",
+                                                    "BLOCK_M": 64, "BLOCK_N": 32})
 index = {name: i for i, name in enumerate(fn.arg_names)}
 assert signature["Q"] == "*bf16" and attrs[(index["Q"],)] == [["tt.divisibility", 16]]
 assert signature["T_q"] == "i32" and (index["T_q"],) not in attrs  # do_not_specialize
@@ -334,7 +334,7 @@ assert signature["HEAD_DIM"] == "constexpr" and constants["HEAD_DIM"] == 64
 def k(x, n, one):
     pass
 
-signature, constants, attrs = specialize(k, {"x": our_args()["Q"], "n": 32, "one": 1}, {})
+signature, constants, attrs = specialize(k, {"x": torch.empty(16, dtype=torch.bfloat16), "n": 32, "one": 1}, {})
 assert attrs == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
 assert signature["one"] == "constexpr" and constants["one"] == 1
 print("ok")

@@ -11,10 +11,30 @@ costs one extra attention forward per training step of a stack.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.batching import fold_vmapped
+
+# The order in which the training loops let SDPA pick its kernel: cuDNN's fused attention first. PyTorch's default
+# tries flash first; at the MAD shapes (16 heads of dim 8, batch 128, L = 128 to 1024, bf16, causal) cuDNN's forward +
+# backward measured 0.17 / 0.36 / 0.97 / 2.92 ms against flash's 0.20 / 0.50 / 1.42 / 4.12 ms on the H200
+# (analysis/kernels/parallax_train_bench.md, MAD rows). A backend that cannot take a call (cuDNN on the CPU, or a
+# shape it refuses) passes it to the next, as in the default order.
+PREFERRED_BACKENDS = (
+    SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+)
+
+
+@contextlib.contextmanager
+def preferred_backends():
+    """Context (or, as `@preferred_backends()`, decorator) in which SDPA tries `PREFERRED_BACKENDS` in that order;
+    around a whole training loop, so that `torch.compile` traces and CUDA graphs capture the kernels it picks."""
+    with sdpa_kernel(list(PREFERRED_BACKENDS), set_priority=True):
+        yield
 
 
 def sdpa(

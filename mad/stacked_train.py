@@ -7,9 +7,9 @@ state, schedule, early stopping, divergence check, best-epoch selection and fina
 the one `mad.train.train` gives for it alone (up to floating-point reordering; tests/test_stacked_training.py). A run
 that stops (early stop, divergence, last epoch) is dropped from the stack, so the others go on without carrying it.
 
-On CUDA the whole training step (forward, backward, optimizer) can be captured in a CUDA graph, and the stack's
-forward (and so its backward) compiled by `torch.compile` (`StepOptions`): a step is then one graph replay of fused
-kernels instead of hundreds of kernel launches from Python.
+On CUDA the whole training step (forward, backward, optimizer) and the evaluation forward can each be captured in a
+CUDA graph, and the stack's forward (and so its backward) compiled by `torch.compile` (`StepOptions`): a step, or a
+test batch, is then one graph replay of fused kernels instead of hundreds of kernel launches from Python.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.sdpa import preferred_backends
 from mad.data import Split
 from mad.diagnostics import model_diagnostics
 from mad.metrics import score_epoch, score_runs
@@ -93,7 +94,8 @@ def _stack_splits(splits: list[Split], device: torch.device) -> Split:
 
 @dataclass(frozen=True)
 class StepOptions:
-    """How a stack's training step runs: captured as a CUDA graph, with the forward under `torch.compile`.
+    """How a stack's training step and evaluation forward run: captured as CUDA graphs, the forward (shared by both)
+    under `torch.compile`.
 
     Both need CUDA (`for_device` turns them off elsewhere). Compiling costs tens of seconds per stack size; the
     measured gain is in analysis/throughput/throughput.md.
@@ -101,6 +103,7 @@ class StepOptions:
 
     cuda_graph: bool = False
     compile: bool = False
+    eval_graph: bool = True  # with cuda_graph, the evaluation forward is captured too
 
     def for_device(self, device: torch.device) -> StepOptions:
         return self if device.type == "cuda" else StepOptions()
@@ -244,6 +247,53 @@ class StepFunction:
                 t.copy_(s)
 
 
+class EvalFunction:
+    """The stack's forward on a test batch, without gradients: `inputs [N, b, T] -> logits [N, b, T, V]`.
+
+    Eager by default; with `cuda_graph` captured once per stack size and replayed (the last, partial batch runs
+    eagerly), through `forward` (the step's, so the `torch.compile`d module when the step has one). A replay returns
+    the graph's own output buffer, which the next replay overwrites: score it before the next call.
+    """
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], cfg: LoopConfig,
+                 cuda_graph: bool = False) -> None:  # fmt: skip
+        if cuda_graph and cfg.device.type != "cuda":
+            raise ValueError(f"a captured evaluation needs a CUDA device; on {cfg.device} it runs eagerly")
+        self.forward, self.cfg, self.cuda_graph = forward, cfg, cuda_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @torch.no_grad()
+    def eager(self, inputs: torch.Tensor) -> torch.Tensor:
+        with autocast(self.cfg, cache=False):
+            return self.forward(inputs)
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not self.cuda_graph or inputs.shape[1] != self.cfg.batch_size:
+            return self.eager(inputs)
+        if self.graph is None:
+            self._capture(inputs)
+        self.static_inputs.copy_(inputs)
+        self.graph.replay()
+        return self.static_logits
+
+    def reset(self) -> None:
+        """Forget the captured graph (after the stack changed size)."""
+        self.graph = None
+
+    def _capture(self, inputs: torch.Tensor) -> None:
+        self.static_inputs = inputs.clone()
+        # Warm-up on a side stream, as torch.cuda.graphs requires; an evaluation forward changes no state.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.eager(self.static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_logits = self.eager(self.static_inputs)
+
+
 def per_run_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy over the scored positions, per run: `logits [N, b, T, V]`, `targets [N, b, T]` -> `[N]`."""
     n = logits.shape[0]
@@ -251,6 +301,7 @@ def per_run_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return losses.view(n, -1).sum(1) / (targets != IGNORE_INDEX).flatten(1).sum(1)
 
 
+@preferred_backends()
 def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, options: StepOptions = StepOptions(),
                   on_finish: Callable[[int, StackedOutcome], None] | None = None,
                   on_epoch: Callable[[int, int, float], None] | None = None) -> list[StackedOutcome]:  # fmt: skip
@@ -274,6 +325,7 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
     shadows = [ScheduleShadow(r.optimizer["lr"], r.optimizer["weight_decay"], len(optimizers), schedule, cfg.epochs)
                for r in runs]  # fmt: skip
     step = StepFunction(stacked, optimizers, cfg, options)
+    evaluate = EvalFunction(step.forward, cfg, step.cuda_graph and options.eval_graph)
     active = list(range(len(runs)))  # the run index at each stack position
     outcomes: dict[int, StackedOutcome] = {}
     steps_per_epoch = math.ceil(data.train.inputs.shape[1] / cfg.batch_size)
@@ -289,7 +341,7 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
                 bar.advance(task)
             losses = torch.stack(losses).float().cpu()  # [steps, N]
             train_seconds = time.perf_counter() - started
-            scores = evaluate_stacked(stacked, data, active, cfg)
+            scores = evaluate_stacked(stacked, evaluate, data, active, cfg)
             finished = []
             for pos, run in enumerate(active):
                 result = results[run]
@@ -318,6 +370,7 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
                 for opt in optimizers:
                     opt.select(keep)
                 step.reset()
+                evaluate.reset()
     return [outcomes[i] for i in range(len(runs))]
 
 
@@ -353,13 +406,13 @@ def _weights(stacked: StackedModel, pos: int, scratch: nn.Module) -> dict[str, t
 
 
 @torch.no_grad()
-def evaluate_stacked(stacked: StackedModel, data: StackedData, active: list[int], cfg: LoopConfig) -> list:
-    """mad.train.evaluate for every run of the stack, each on its own test set: one `EpochScores` per position."""
+def evaluate_stacked(stacked: StackedModel, forward: EvalFunction, data: StackedData, active: list[int],
+                     cfg: LoopConfig) -> list:  # fmt: skip
+    """mad.train.evaluate for every run of the stack, each on its own test set, through `forward` (the stack's, eager
+    or captured): one `EpochScores` per position."""
     stacked.eval()
     batches, sizes = [], []
     for inputs, targets in data.test_batches(active, cfg.batch_size):
-        with autocast(cfg):
-            logits = stacked(inputs)
-        batches.append(score_runs(logits, targets))
+        batches.append(score_runs(forward(inputs), targets))
         sizes.append(targets.shape[1])
     return score_epoch(batches, sizes)

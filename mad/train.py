@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from kernels.sdpa import preferred_backends
 from mad.data import Split, test_batches, train_batches
 from mad.diagnostics import model_diagnostics
 from mad.metrics import score_epoch, score_runs
@@ -78,6 +79,7 @@ class TrainResult:
         return history
 
 
+@preferred_backends()
 def train(
     model: nn.Module,
     optimizers: list[torch.optim.Optimizer],

@@ -12,8 +12,10 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from torch.nn.attention import SDPBackend
 
 from hydra_plugins.mad_stacked_launcher.stacked_launcher import check_devices, resolve_devices, worker_slots
 from mad.config_checks import task_setting
@@ -25,7 +27,7 @@ from mad.schedules import build_schedules
 from mad.stacked_model import StackedModel
 from mad.stacked_optim import StackedAdamW, StackedMuon
 from mad.stacked_run import RunPlan, group_plans
-from mad.stacked_train import StackedData, StackedRun, StepFunction, StepOptions, train_stacked
+from mad.stacked_train import EvalFunction, StackedData, StackedRun, StepFunction, StepOptions, train_stacked
 from mad.stacked_train import build_optimizers as stacked_optimizers
 from mad.train import LoopConfig, train
 from tests.conftest import REPO, records_under
@@ -285,6 +287,56 @@ def test_graph_captured_step_matches_the_eager_step():
         assert torch.allclose(eager, graphed, rtol=0, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; "
+                    "benchmarks/bench_epoch.py checks the captured test forward against the eager one on the GPU")
+def test_captured_evaluation_matches_the_eager_one():
+    cfg = compose_cfg("attention=softmax")
+    device = torch.device("cuda")
+    loop = LoopConfig(epochs=1, batch_size=8, early_stop_accuracy=1.0, seed=0, device=device, autocast_dtype=None,
+                      progress=False)  # fmt: skip
+    stacked = StackedModel([build_model(cfg) for _ in range(2)]).to(device).eval()
+    tokens = torch.randint(0, 16, (2, 8, 12), device=device)  # [runs, b, T]
+    captured = EvalFunction(stacked, loop, cuda_graph=True)
+    first = captured(tokens).clone()
+    again = captured(tokens.flip(1))  # a replay with new inputs
+    torch.testing.assert_close(first, EvalFunction(stacked, loop)(tokens), rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, EvalFunction(stacked, loop)(tokens.flip(1)), rtol=0, atol=1e-6)
+
+
+def test_captured_evaluation_needs_cuda():
+    loop = LoopConfig(epochs=1, batch_size=8, early_stop_accuracy=1.0, seed=0, device=torch.device("cpu"),
+                      autocast_dtype=None, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        EvalFunction(lambda x: x, loop, cuda_graph=True)
+
+
+def test_training_loops_let_sdpa_try_cudnn_first(monkeypatch):
+    """Both loops (alone and stacked) run the model with cuDNN's attention first in SDPA's order, and restore
+    PyTorch's order afterwards."""
+    import kernels.sdpa
+
+    sdpa = F.scaled_dot_product_attention
+    default = torch._C._get_sdp_priority_order()
+    seen = []
+
+    def recording_sdpa(*args, **kwargs):
+        seen.append(torch._C._get_sdp_priority_order()[0])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.sdpa.F, "scaled_dot_product_attention", recording_sdpa)
+    cfg = compose_cfg("attention=softmax", "train.epochs=1")
+    tokens = torch.randint(0, cfg.task.vocab_size, (16, 12), generator=torch.Generator().manual_seed(0))
+    split = Split(tokens[:, :-1], tokens[:, 1:])
+    loop = dataclasses.replace(loop_config(cfg, torch.device("cpu")), batch_size=8)
+    opt_cfg = {**cfg.optimizer, "betas": list(cfg.optimizer.betas)}
+    train_stacked([StackedRun(build_model(cfg), opt_cfg, split, split, seed=0)],
+                  OmegaConf.to_container(cfg.train.schedule, resolve=True), loop)  # fmt: skip
+    model = build_model(cfg)
+    train(model, build_optimizers(model, opt_cfg), [], split, split, loop)
+    assert seen and set(seen) == {int(SDPBackend.CUDNN_ATTENTION)}
+    assert torch._C._get_sdp_priority_order() == default
+
+
 def test_records_archive_resumes_exactly_the_finished_runs(cli, tmp_path):
     from mad.archive import pack, unpack
 
@@ -346,6 +398,14 @@ def test_throughput_benchmark_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "throughput.md").read_text()
     assert "| softmax | 16 | stacked | 6 |" in table and "5,384,400" in table and "not a measurement" in table
+
+
+def test_epoch_benchmark_cpu_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/bench_epoch.py", "--cpu-smoke", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "epoch_softmax.md").read_text()
+    assert "| 16 |" in table and "GPU-minutes** for softmax" in table and "not a measurement" in table
 
 
 def test_step_profile_script_runs_on_cpu(tmp_path):

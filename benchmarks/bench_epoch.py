@@ -7,7 +7,8 @@ epoch (MAD's best-epoch selection and early stopping) and pays compiles and capt
 six runs of one setting's lr x weight-decay grid trains through `mad.stacked_train.train_stacked` exactly as the
 `stacked` launcher trains it (CUDA graphs and `torch.compile` on, as in the protocol sweeps), at every sequence
 length of the MAD grid, on random tokens (the time does not depend on them; early stopping is off): `--epochs`
-epochs of `--steps` training steps and the 10 test batches of 128 sequences of every MAD setting. The first epoch
+epochs of `--steps` training steps and the 10 test batches of 128 sequences of every MAD setting, without the
+mechanism diagnostics (off in the protocol sweeps). The first epoch
 (compiles, captures) is reported apart; the others give the median seconds per training step and per test batch.
 
 The protocol estimate adds, over the 66 settings, 200 epochs x (steps per epoch x seconds per step + test batches x
@@ -69,7 +70,8 @@ def time_length(attention: str, seq_len: int, args, device: torch.device) -> dic
 
     cfg = compose_cfg(attention, seq_len)
     loop = loop_config(cfg, device)
-    loop.epochs, loop.early_stop_accuracy = args.epochs, 2.0  # every epoch runs
+    # Every epoch runs; no mechanism diagnostics, as in the protocol sweeps (conf/sweep/mad.yaml).
+    loop.epochs, loop.early_stop_accuracy, loop.diagnostics_batch = args.epochs, 2.0, 0
     gen = torch.Generator().manual_seed(0)
 
     def split(n: int) -> Split:

@@ -59,8 +59,8 @@ class Leaderboard:
 
     board: one row per architecture (attention, optimizer, the six task scores, average, counts, notes).
     settings: one row per architecture x setting (best accuracy, its lr and wd, run counts).
-    partial: bool, one row per row of ``board`` in its order (indexed by attention, optimizer), columns the tasks:
-        True where a task score misses some settings.
+    partial: bool, one row per row of ``board`` in its order (indexed by attention, optimizer), columns
+        SCORE_COLUMNS: True where a task score misses some settings, and for the average where any task score does.
     gaps: Muon minus AdamW scores (index: attention label, columns SCORE_COLUMNS); empty if no pair exists.
     """
 
@@ -205,7 +205,9 @@ def _scores(settings: pd.DataFrame, archs: pd.DataFrame) -> tuple[pd.DataFrame, 
     scores = grid.mean().unstack("task").reindex(index=index, columns=list(TASKS))
     scores["average"] = scores[list(TASKS)].mean(axis=1, skipna=False)
     partial = (grid.count() < grid.size()).unstack("task").reindex(index=index, columns=list(TASKS))
-    return scores, partial.eq(True)  # a task without any in-grid row (NaN) is not partial but absent
+    partial = partial.eq(True)  # a task without any in-grid row (NaN) is not partial but absent
+    partial["average"] = partial.any(axis=1)  # an average over partial task scores is partial too
+    return scores, partial
 
 
 def _notes(rows: pd.DataFrame, grid_size: int, variant: str, limit: int | None) -> str:

@@ -59,8 +59,8 @@ def comparison_lines(board: pd.DataFrame, partial: pd.DataFrame) -> list[str]:
 
 
 def _partial(flags: pd.Series, column: str) -> bool:
-    """Whether a score of this row is over fewer settings than the protocol's; the average is if any task is."""
-    return bool(flags.any() if column == "average" else flags[column])
+    """Whether a score of this row is over fewer settings than the protocol's (the average: over any such task)."""
+    return bool(flags[column])
 
 
 def _cell(value: float, partial: bool) -> str:

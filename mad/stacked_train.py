@@ -8,8 +8,8 @@ the one `mad.train.train` gives for it alone (up to floating-point reordering; t
 that stops (early stop, divergence, last epoch) is dropped from the stack, so the others go on without carrying it.
 
 On CUDA the whole training step (forward, backward, optimizer) and the evaluation forward can each be captured in a
-CUDA graph, and the stack's forward (and so its backward) compiled by `torch.compile` (`StepOptions`): a step, or a
-test batch, is then one graph replay of fused kernels instead of hundreds of kernel launches from Python.
+CUDA graph, and the step's forward (and so its backward) compiled by `torch.compile` (`StepOptions`): a step is then
+one graph replay of fused kernels, and a test batch one replay, instead of hundreds of kernel launches from Python.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def _stack_splits(splits: list[Split], device: torch.device) -> Split:
 
 @dataclass(frozen=True)
 class StepOptions:
-    """How a stack's training step and evaluation forward run: captured as CUDA graphs, the forward (shared by both)
-    under `torch.compile`.
+    """How a stack's training step and evaluation forward run: captured as CUDA graphs, the step's forward under
+    `torch.compile`.
 
     Both need CUDA (`for_device` turns them off elsewhere). Compiling costs tens of seconds per stack size; the
     measured gain is in analysis/throughput/throughput.md.
@@ -181,7 +181,7 @@ class StepFunction:
 
     Eager by default; with `options.cuda_graph` the step is captured once per stack size and replayed, the batch
     copied into static buffers first (the last, partial batch of an epoch runs eagerly); with `options.compile` the
-    stack's forward runs through `torch.compile` (recompiled when the stack shrinks).
+    stack's forward runs through `torch.compile` (`compile_stack`: recompiled when the stack shrinks).
     """
 
     def __init__(self, stacked: StackedModel, optimizers: list[StackedOptimizer], cfg: LoopConfig,
@@ -189,7 +189,7 @@ class StepFunction:
         if options != options.for_device(cfg.device):
             raise ValueError(f"{options} needs a CUDA device; on {cfg.device} the step runs eagerly")
         self.stacked, self.optimizers, self.cfg, self.cuda_graph = stacked, optimizers, cfg, options.cuda_graph
-        self.forward = torch.compile(stacked) if options.compile else stacked
+        self.forward = compile_stack(stacked) if options.compile else stacked
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def eager(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -251,8 +251,9 @@ class EvalFunction:
     """The stack's forward on a test batch, without gradients: `inputs [N, b, T] -> logits [N, b, T, V]`.
 
     Eager by default; with `cuda_graph` captured once per stack size and replayed (the last, partial batch runs
-    eagerly), through `forward` (the step's, so the `torch.compile`d module when the step has one). A replay returns
-    the graph's own output buffer, which the next replay overwrites: score it before the next call.
+    eagerly). `forward` is the stack itself, not the step's compiled forward: a test batch is a few percent of an
+    epoch, too little to pay a compile per stack size for. A replay returns the graph's own output buffer, which the
+    next replay overwrites: score it before the next call.
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], cfg: LoopConfig,
@@ -294,6 +295,19 @@ class EvalFunction:
             self.static_logits = self.eager(self.static_inputs)
 
 
+def compile_stack(stacked: StackedModel, backend: str | Callable = "inductor") -> Callable[[torch.Tensor], torch.Tensor]:
+    """`torch.compile(stacked)` for one stack's training, compiling afresh for every stack size it will have.
+
+    Dynamo compiles once per stack size (parameter shapes are static) and, by default, stops after 8 compiles of a
+    function in a process, running it eagerly from then on with only a warning. A sweep worker trains stack after
+    stack (settings of other shapes, stacks shrinking as runs stop), so its later stacks lost compilation silently.
+    Here the compile caches are cleared for each new stack, and the limit raised to the stack's sizes.
+    """
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, stacked.num_runs + 1)
+    return torch.compile(stacked, backend=backend)
+
+
 def per_run_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy over the scored positions, per run: `logits [N, b, T, V]`, `targets [N, b, T]` -> `[N]`."""
     n = logits.shape[0]
@@ -325,7 +339,7 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
     shadows = [ScheduleShadow(r.optimizer["lr"], r.optimizer["weight_decay"], len(optimizers), schedule, cfg.epochs)
                for r in runs]  # fmt: skip
     step = StepFunction(stacked, optimizers, cfg, options)
-    evaluate = EvalFunction(step.forward, cfg, step.cuda_graph and options.eval_graph)
+    evaluate = EvalFunction(stacked, cfg, step.cuda_graph and options.eval_graph)
     active = list(range(len(runs)))  # the run index at each stack position
     outcomes: dict[int, StackedOutcome] = {}
     steps_per_epoch = math.ceil(data.train.inputs.shape[1] / cfg.batch_size)

@@ -27,7 +27,9 @@ from mad.schedules import build_schedules
 from mad.stacked_model import StackedModel
 from mad.stacked_optim import StackedAdamW, StackedMuon
 from mad.stacked_run import RunPlan, group_plans
-from mad.stacked_train import EvalFunction, StackedData, StackedRun, StepFunction, StepOptions, train_stacked
+from mad.stacked_train import (
+    EvalFunction, StackedData, StackedRun, StepFunction, StepOptions, compile_stack, train_stacked,
+)  # fmt: skip
 from mad.stacked_train import build_optimizers as stacked_optimizers
 from mad.train import LoopConfig, train
 from tests.conftest import REPO, records_under
@@ -506,7 +508,7 @@ def test_compiled_step_survives_the_stack_shrinking():
         optimizers = stacked_optimizers(stacked, models[0], configs)
         step = StepFunction(stacked, optimizers, loop)
         if compiled:
-            step.forward = torch.compile(stacked, backend="aot_eager")
+            step.forward = compile_stack(stacked, backend="aot_eager")
         seen = []
         for size in (3, 2):
             seen += [step(tokens[:size], tokens[:size]) for _ in range(2)]
@@ -517,6 +519,29 @@ def test_compiled_step_survives_the_stack_shrinking():
         seen += [step(tokens[:1], tokens[:1]) for _ in range(2)]  # one run left
         losses.append(torch.cat(seen))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_every_size_of_every_stack_compiles():
+    """Dynamo compiles a stack once per size and, by default, runs a function eagerly after 8 compiles in a process:
+    a 9-run stack shrinking to one run, then another stack in the same process, must still compile every size."""
+    cfg = compose_cfg("attention=softmax", "model.dim=16", "model.num_layers=2", "attention.num_heads=2",
+                      "task.seq_len=8")  # fmt: skip
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    tokens = torch.randint(0, cfg.task.vocab_size, (9, 2, 7), generator=torch.Generator().manual_seed(0))
+    for runs in (9, 2):
+        stacked = StackedModel([build_model(cfg) for _ in range(runs)])
+        forward = compile_stack(stacked, backend=counting_backend)
+        before = len(graphs)
+        with torch.no_grad():
+            for size in range(runs, 0, -1):
+                torch.testing.assert_close(forward(tokens[:size]), stacked(tokens[:size]))
+                stacked.select(torch.arange(size - 1))
+        assert len(graphs) - before == runs  # one graph per size: none ran eagerly
 
 
 def test_stacked_data_serves_each_run_its_own_batches():

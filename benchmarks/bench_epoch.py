@@ -13,7 +13,8 @@ mechanism diagnostics (off in the protocol sweeps). The first epoch
 
 The protocol estimate adds, over the 66 settings, 200 epochs x (steps per epoch x seconds per step + test batches x
 seconds per test batch) of one stack at the setting's length, one stack at a time on one GPU, no early stopping,
-no first-epoch costs.
+no compile or capture costs (the first-epoch column: paid again whenever a stack shrinks), all at the default
+task's vocabulary of 16 (memorization's, up to 8192, makes its output layer larger).
 
 `--eval-eager` and `--sdpa-default` switch off what this harness does on top of the plain loop (the captured test
 forward, cuDNN's attention first: kernels/sdpa.py), to measure what each brings. Before timing, the captured test
@@ -111,7 +112,8 @@ def time_length(attention: str, seq_len: int, args, device: torch.device) -> dic
 
 
 def captured_eval_matches_eager(attention: str, seq_len: int, device: torch.device) -> float:
-    """Max |captured - eager| test logits of a fresh 2-run stack."""
+    """Max |captured - eager| test logits of a fresh 2-run stack, under bf16 autocast and the loops' SDPA order."""
+    from kernels.sdpa import preferred_backends
     from mad.run import build_model, loop_config
     from mad.stacked_model import StackedModel
     from mad.stacked_train import EvalFunction
@@ -121,8 +123,9 @@ def captured_eval_matches_eager(attention: str, seq_len: int, device: torch.devi
     stacked = StackedModel([build_model(cfg) for _ in range(2)]).to(device).eval()
     tokens = torch.randint(0, cfg.task.vocab_size, (2, cfg.train.batch_size, seq_len - 1), device=device)
     loop = loop_config(cfg, device)
-    eager = EvalFunction(stacked, loop, cuda_graph=False)(tokens).float()
-    captured = EvalFunction(stacked, loop, cuda_graph=True)(tokens).float()
+    with preferred_backends():  # the kernels the training loops pick
+        eager = EvalFunction(stacked, loop, cuda_graph=False)(tokens).float()
+        captured = EvalFunction(stacked, loop, cuda_graph=True)(tokens).float()
     return (eager - captured).abs().max().item()
 
 
@@ -157,8 +160,8 @@ def protocol_minutes(rows: list[dict]) -> float:
 
     by_len = {r["L"]: r for r in rows}
     total = 0.0
-    for _task, setting in mad_settings():
-        row = by_len[min(by_len, key=lambda m: abs(math.log(m / setting["seq_len"])))]
+    for _task, setting in mad_settings():  # a tie (L = 64 between 32 and 128) takes the longer, costlier length
+        row = by_len[min(by_len, key=lambda m: (abs(math.log(m / setting["seq_len"])), -m))]
         steps = math.ceil(setting["num_train_examples"] / 128)
         batches = math.ceil(setting["num_test_examples"] / 128)
         total += 200 * (steps * row["ms_per_step"] + batches * row["ms_per_test_batch"]) / 1e3

@@ -19,21 +19,32 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.batching import fold_vmapped
 
-# The order in which the training loops let SDPA pick its kernel: cuDNN's fused attention first. PyTorch's default
-# tries flash first; at the MAD shapes (16 heads of dim 8, batch 128, L = 128 to 1024, bf16, causal) cuDNN's forward +
-# backward measured 0.17 / 0.36 / 0.97 / 2.92 ms against flash's 0.20 / 0.50 / 1.42 / 4.12 ms on the H200
-# (analysis/kernels/parallax_train_bench.md, MAD rows). A backend that cannot take a call (cuDNN on the CPU, or a
-# shape it refuses) passes it to the next, as in the default order.
+# The order in which the training loops let SDPA pick its kernel: cuDNN's fused attention first, where PyTorch's
+# default tries flash first. A 6-run MAD stack's training step (16 heads of dim 8, the runs folded into a batch of
+# 768, bf16, causal, CUDA graph + torch.compile) measured 2.59 / 5.69 / 11.53 / 25.73 / 63.47 ms at L = 32 / 128 /
+# 256 / 512 / 1024 this way against 3.26 / 6.12 / 12.90 / 30.18 / 75.04 ms in the default order on the H200
+# (analysis/throughput/epoch_softmax*.md). One kernel call at batch 128 (analysis/kernels/parallax_train_bench.md,
+# MAD rows) is 1.4-1.5x faster at L >= 256, but at L = 128 runs have disagreed (cuDNN 0.15-0.25 ms, flash 0.20).
+# Its bf16 error is a little larger: 1.46e-2 against flash's 1.16e-2 (max-norm, output and gradients vs fp32, at
+# B=32 H=16 L=512 D=8). Benchmarks set this to PyTorch's order to measure the difference.
 PREFERRED_BACKENDS = (
     SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
 )
+_ENABLED = {  # what the user has switched on (torch.backends.cuda.enable_*_sdp), which the order must not undo
+    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+    SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+}
 
 
 @contextlib.contextmanager
 def preferred_backends():
-    """Context (or, as `@preferred_backends()`, decorator) in which SDPA tries `PREFERRED_BACKENDS` in that order;
-    around a whole training loop, so that `torch.compile` traces and CUDA graphs capture the kernels it picks."""
-    with sdpa_kernel(list(PREFERRED_BACKENDS), set_priority=True):
+    """Context (or, as `@preferred_backends()`, decorator) in which SDPA tries the enabled backends of
+    `PREFERRED_BACKENDS` in that order (a backend that cannot take a call, such as cuDNN on the CPU, passes it to
+    the next); around a whole training loop, so that `torch.compile` traces and CUDA graphs capture its picks."""
+    order = [b for b in PREFERRED_BACKENDS if _ENABLED.get(b, lambda: True)()]
+    with sdpa_kernel(order, set_priority=True):
         yield
 
 

@@ -34,8 +34,8 @@ COLUMNS = [*TASKS, "average"]
 def comparison_lines(board: pd.DataFrame, partial: pd.DataFrame) -> list[str]:
     """Markdown: the softmax rows of `board` (a leaderboard of the full protocol) over the published Transformer
     scores, then ours minus each published score for every complete task score. `partial` (one row per row of
-    `board`, in its order; columns the tasks) marks task scores over fewer settings than the protocol's, which are
-    shown with `*` and never differenced. Empty when the board has no softmax row."""
+    `board`, in its order; columns the tasks and the average) marks scores over fewer settings than the protocol's,
+    which are shown with `*` and never differenced. Empty when the board has no softmax row."""
     rows = [(row, flags) for (_, row), (_, flags) in zip(board.iterrows(), partial.iterrows())
             if row["attention"] == "softmax"]  # fmt: skip
     if not rows:
@@ -43,12 +43,12 @@ def comparison_lines(board: pd.DataFrame, partial: pd.DataFrame) -> list[str]:
     lines = ["| scores | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for row, flags in rows:
         lines.append(f"| ours: softmax + {row['optimizer']} | " + " | ".join(
-            _cell(row[c], _partial(flags, c)) for c in COLUMNS) + " |")  # fmt: skip
+            _cell(row[c], bool(flags[c])) for c in COLUMNS) + " |")  # fmt: skip
     for source, scores in PUBLISHED_TRANSFORMER.items():
         lines.append(f"| {source} | " + " | ".join(f"{scores[c]:.3f}" for c in COLUMNS) + " |")
     lines += ["", "`*`: over fewer settings than the protocol's (not comparable yet). `—`: no score.", ""]
     for row, flags in rows:
-        complete = [c for c in COLUMNS if not math.isnan(row[c]) and not _partial(flags, c)]
+        complete = [c for c in COLUMNS if not math.isnan(row[c]) and not flags[c]]
         if not complete:
             lines.append(f"- softmax + {row['optimizer']}: no complete task score yet, nothing to compare.")
             continue
@@ -56,11 +56,6 @@ def comparison_lines(board: pd.DataFrame, partial: pd.DataFrame) -> list[str]:
             deltas = ", ".join(f"{c} {row[c] - scores[c]:+.3f}" for c in complete)
             lines.append(f"- softmax + {row['optimizer']} minus the {source}: {deltas}.")
     return lines
-
-
-def _partial(flags: pd.Series, column: str) -> bool:
-    """Whether a score of this row is over fewer settings than the protocol's (the average: over any such task)."""
-    return bool(flags[column])
 
 
 def _cell(value: float, partial: bool) -> str:

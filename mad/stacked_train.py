@@ -271,17 +271,19 @@ class EvalFunction:
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         if not self.cuda_graph or inputs.shape[1] != self.cfg.batch_size:
             return self.eager(inputs)
-        if self.graph is None:
+        if self.graph is None or inputs.shape != self.static_inputs.shape:
             self._capture(inputs)
         self.static_inputs.copy_(inputs)
         self.graph.replay()
         return self.static_logits
 
     def reset(self) -> None:
-        """Forget the captured graph (after the stack changed size)."""
+        """Forget the captured graph (after the stack changed size: its weights are new tensors)."""
         self.graph = None
 
     def _capture(self, inputs: torch.Tensor) -> None:
+        if getattr(self.forward, "training", False):
+            raise RuntimeError("the test forward is captured in eval mode; call .eval() on the stack first")
         self.static_inputs = inputs.clone()
         # Warm-up on a side stream, as torch.cuda.graphs requires; an evaluation forward changes no state.
         side = torch.cuda.Stream()
@@ -301,7 +303,8 @@ def compile_stack(stacked: StackedModel, backend: str | Callable = "inductor") -
     Dynamo compiles once per stack size (parameter shapes are static) and, by default, stops after 8 compiles of a
     function in a process, running it eagerly from then on with only a warning. A sweep worker trains stack after
     stack (settings of other shapes, stacks shrinking as runs stop), so its later stacks lost compilation silently.
-    Here the compile caches are cleared for each new stack, and the limit raised to the stack's sizes.
+    Here the compile caches are cleared for each new stack, and the limit raised to the N sizes the stack can take
+    (N, N - 1, ..., 1) plus one compile to spare. Both are process-wide: only stacks compile in a sweep worker.
     """
     torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, stacked.num_runs + 1)

@@ -44,3 +44,23 @@ def test_vmapped_sdpa_refuses_a_per_slice_mask():
     masks = torch.ones(3, 9, 9, dtype=torch.bool)
     with pytest.raises(ValueError, match="one \\[T_q, T_k\\] attn_mask"):
         torch.vmap(lambda q, k, v, m: sdpa(q, k, v, attn_mask=m))(q, k, v, masks)
+
+
+def test_preferred_backends_put_cudnn_first_and_keep_what_the_user_switched_off():
+    from torch.nn.attention import SDPBackend
+
+    from kernels.sdpa import preferred_backends
+
+    default = torch._C._get_sdp_priority_order()
+    with preferred_backends():
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+    assert torch._C._get_sdp_priority_order() == default
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        with preferred_backends():
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.FLASH_ATTENTION)
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        torch._C._set_sdp_priority_order(default)  # sdpa_kernel's exit reorders the disabled backends

@@ -292,17 +292,30 @@ def test_graph_captured_step_matches_the_eager_step():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; "
                     "benchmarks/bench_epoch.py checks the captured test forward against the eager one on the GPU")
 def test_captured_evaluation_matches_the_eager_one():
+    """Under bf16 autocast, as the sweeps run: new inputs, weights changed in place (an optimizer step) and a stack
+    that shrank (new weight tensors) all reach the replayed graph."""
     cfg = compose_cfg("attention=softmax")
     device = torch.device("cuda")
-    loop = LoopConfig(epochs=1, batch_size=8, early_stop_accuracy=1.0, seed=0, device=device, autocast_dtype=None,
-                      progress=False)  # fmt: skip
-    stacked = StackedModel([build_model(cfg) for _ in range(2)]).to(device).eval()
-    tokens = torch.randint(0, 16, (2, 8, 12), device=device)  # [runs, b, T]
-    captured = EvalFunction(stacked, loop, cuda_graph=True)
-    first = captured(tokens).clone()
-    again = captured(tokens.flip(1))  # a replay with new inputs
-    torch.testing.assert_close(first, EvalFunction(stacked, loop)(tokens), rtol=0, atol=1e-6)
-    torch.testing.assert_close(again, EvalFunction(stacked, loop)(tokens.flip(1)), rtol=0, atol=1e-6)
+    loop = LoopConfig(epochs=1, batch_size=8, early_stop_accuracy=1.0, seed=0, device=device,
+                      autocast_dtype=torch.bfloat16, progress=False)  # fmt: skip
+    stacked = StackedModel([build_model(cfg) for _ in range(3)]).to(device).eval()
+    tokens = torch.randint(0, 16, (3, 8, 12), device=device)  # [runs, b, T]
+    captured, eager = EvalFunction(stacked, loop, cuda_graph=True), EvalFunction(stacked, loop)
+
+    def check(x):
+        torch.testing.assert_close(captured(x).float(), eager(x).float(), rtol=0, atol=0)
+
+    check(tokens)
+    check(tokens.flip(1))
+    with torch.no_grad():
+        for p in stacked.stacked:
+            p.mul_(1.5)
+    check(tokens)
+    stacked.select(torch.tensor([2, 0], device=device))
+    captured.reset()
+    check(tokens[:2])
+    with pytest.raises(RuntimeError, match="eval mode"):
+        EvalFunction(stacked.train(), loop, cuda_graph=True)(tokens[:2])
 
 
 def test_captured_evaluation_needs_cuda():
@@ -322,7 +335,7 @@ def test_training_loops_let_sdpa_try_cudnn_first(monkeypatch):
     seen = []
 
     def recording_sdpa(*args, **kwargs):
-        seen.append(torch._C._get_sdp_priority_order()[0])
+        seen[-1].append(torch._C._get_sdp_priority_order()[0])
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(kernels.sdpa.F, "scaled_dot_product_attention", recording_sdpa)
@@ -331,11 +344,14 @@ def test_training_loops_let_sdpa_try_cudnn_first(monkeypatch):
     split = Split(tokens[:, :-1], tokens[:, 1:])
     loop = dataclasses.replace(loop_config(cfg, torch.device("cpu")), batch_size=8)
     opt_cfg = {**cfg.optimizer, "betas": list(cfg.optimizer.betas)}
+    seen.append([])
     train_stacked([StackedRun(build_model(cfg), opt_cfg, split, split, seed=0)],
                   OmegaConf.to_container(cfg.train.schedule, resolve=True), loop)  # fmt: skip
+    seen.append([])
     model = build_model(cfg)
     train(model, build_optimizers(model, opt_cfg), [], split, split, loop)
-    assert seen and set(seen) == {int(SDPBackend.CUDNN_ATTENTION)}
+    for calls in seen:  # stacked, then alone
+        assert calls and set(calls) == {int(SDPBackend.CUDNN_ATTENTION)}
     assert torch._C._get_sdp_priority_order() == default
 
 
@@ -521,9 +537,10 @@ def test_compiled_step_survives_the_stack_shrinking():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
 
 
-def test_every_size_of_every_stack_compiles():
+def test_every_size_of_every_stack_compiles(monkeypatch):
     """Dynamo compiles a stack once per size and, by default, runs a function eagerly after 8 compiles in a process:
     a 9-run stack shrinking to one run, then another stack in the same process, must still compile every size."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default; compile_stack raises it
     cfg = compose_cfg("attention=softmax", "model.dim=16", "model.num_layers=2", "attention.num_heads=2",
                       "task.seq_len=8")  # fmt: skip
     graphs = []

@@ -21,6 +21,7 @@ run after another, through `mad.run.run`.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,8 +131,11 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
         runs = [StackedRun(model, plan.resolved["optimizer"], *splits[plan.cfg.seed], seed=plan.cfg.seed)
                 for model, plan in zip(models, plans)]  # fmt: skip
         heartbeat = None if first.cfg.progress else Heartbeat(first.run_dir.parent, len(plans), first.cfg.train.epochs)
-        train_stacked(runs, first.resolved["train"]["schedule"], loop_config(first.cfg, device),
-                      options=options.for_device(device), on_finish=write, on_epoch=heartbeat)  # fmt: skip
+        loop = loop_config(first.cfg, device)
+        steps = loop.epochs * math.ceil(len(runs[0].train_split.inputs) / loop.batch_size)
+        options = options.for_device(device).for_steps(steps)
+        train_stacked(runs, first.resolved["train"]["schedule"], loop, options=options, on_finish=write,
+                      on_epoch=heartbeat)  # fmt: skip
     except Exception as e:
         for index, (plan, record) in enumerate(zip(plans, records)):
             if index not in written:

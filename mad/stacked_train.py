@@ -15,6 +15,7 @@ one graph replay of fused kernels, and a test batch one replay, instead of hundr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -104,9 +105,14 @@ class StepOptions:
     cuda_graph: bool = False
     compile: bool = False
     eval_graph: bool = True  # with cuda_graph, the evaluation forward is captured too
+    compile_min_steps: int = 0  # with compile, stacks of fewer training steps than this skip it (`for_steps`)
 
     def for_device(self, device: torch.device) -> StepOptions:
         return self if device.type == "cuda" else StepOptions()
+
+    def for_steps(self, steps: int) -> StepOptions:
+        """These options for a stack of at most `steps` training steps: compiling only where it can pay back."""
+        return dataclasses.replace(self, compile=False) if self.compile and steps < self.compile_min_steps else self
 
 
 @dataclass

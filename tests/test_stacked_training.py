@@ -264,6 +264,9 @@ def test_stacked_launcher_reports_bad_configs_before_training(cli, tmp_path):
     proc = cli(["-m", "profile=smoke", "progress=false", "optimizer.lr=1e-3,5e-3", "hydra/launcher=stacked",
                 "hydra.launcher.start_until=-5", "hydra.sweep.dir=sweep3"])  # fmt: skip
     assert proc.returncode == 2 and "start_until must be >= 0 seconds" in proc.stderr
+    proc = cli(["-m", "profile=smoke", "progress=false", "optimizer.lr=1e-3,5e-3", "hydra/launcher=stacked",
+                "hydra.launcher.compile_min_steps=-1", "hydra.sweep.dir=sweep4"])  # fmt: skip
+    assert proc.returncode == 2 and "compile_min_steps must be >= 0" in proc.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; "
@@ -490,6 +493,14 @@ def test_stacked_model_under_autocast_computes_what_each_module_does(attention):
     assert got.dtype == want.dtype
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in stacked.stacked)
+
+
+def test_short_stacks_skip_compiling():
+    """A compile (~20 s) pays back only over enough steps: `compile_min_steps` turns it off for shorter stacks."""
+    options = StepOptions(cuda_graph=True, compile=True, compile_min_steps=5000)
+    assert options.for_steps(400) == StepOptions(cuda_graph=True, compile=False, compile_min_steps=5000)
+    assert options.for_steps(5000) == options and options.for_steps(20_000) == options
+    assert StepOptions(cuda_graph=True, compile=True).for_steps(1).compile  # 0: every stack compiles
 
 
 @pytest.mark.parametrize("options", [StepOptions(cuda_graph=True), StepOptions(compile=True)])

@@ -18,6 +18,11 @@ class StackedLauncherConf:
     max_group: int = 0  # most runs per stack; 0: the whole lr x weight-decay grid of a setting
     cuda_graph: bool = True  # capture each stack's training step as a CUDA graph (CUDA only)
     compile: bool = False  # the stack's forward under torch.compile (CUDA only; analysis/throughput/sweep_compile.md)
+    # With compile: stacks with fewer training steps (epochs x steps per epoch) than this skip it. ~20 s of compiling
+    # (analysis/throughput/epoch_softmax.md, first epoch) against 3.8 ms saved per step at L=128 (throughput.md,
+    # graph vs graph+compile) pays back after ~5,000 steps; the 400-step memorization stacks spent 80 % of their
+    # epochs' time in the epochs that compiled.
+    compile_min_steps: int = 5000
     start_until: float = 0.0  # seconds after the launch: no group starts later (0: no limit); for calls with a deadline
 
 

@@ -120,12 +120,14 @@ def _outcome(records: list[dict] | Exception, index: int) -> dict | Exception:
 
 class StackedLauncher(Launcher):
     def __init__(self, devices: Any = "auto", workers_per_device: int = 1, max_group: int = 0,
-                 cuda_graph: bool = True, compile: bool = False, start_until: float = 0.0) -> None:  # fmt: skip
+                 cuda_graph: bool = True, compile: bool = False, compile_min_steps: int = 5000,
+                 start_until: float = 0.0) -> None:  # fmt: skip
         from mad.stacked_train import StepOptions
 
         super().__init__()
         self.devices, self.workers_per_device = devices, workers_per_device
-        self.max_group, self.options = max_group, StepOptions(cuda_graph=cuda_graph, compile=compile)
+        self.max_group = max_group
+        self.options = StepOptions(cuda_graph=cuda_graph, compile=compile, compile_min_steps=compile_min_steps)
         self.start_until = start_until
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -188,6 +190,9 @@ class StackedLauncher(Launcher):
             check_devices(devices, torch.cuda.device_count())
             if self.max_group < 0:
                 raise ValueError(f"hydra.launcher.max_group must be >= 0 (0: no limit), got {self.max_group}")
+            if self.options.compile_min_steps < 0:
+                raise ValueError("hydra.launcher.compile_min_steps must be >= 0 (0: compile every stack), got "
+                                 f"{self.options.compile_min_steps}")
             if not self.start_until >= 0:
                 raise ValueError(f"hydra.launcher.start_until must be >= 0 seconds (0: no limit), got {self.start_until}")
             return worker_slots(devices, self.workers_per_device)

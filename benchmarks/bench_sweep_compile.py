@@ -4,7 +4,8 @@
     PYTHONPATH=. python benchmarks/bench_sweep_compile.py --out analysis/throughput/ --epochs 30
 
 For each attention and each compile switch it runs `python -m mad.run -m +sweep=mad mad_setting=SETTING ...
-train.epochs=EPOCHS hydra/launcher=stacked hydra.launcher.compile=...` into a fresh directory and reads the records
+train.epochs=EPOCHS hydra/launcher=stacked hydra.launcher.compile=... hydra.launcher.compile_min_steps=0` (so that
+a short sweep compiles) into a fresh directory and reads the records
 back: the process's wall time, the first epoch's seconds (compile and graph capture happen there), the median of the
 later epochs' seconds, and the projection to the protocol's 200 epochs (first + 199 x median) for a stack that
 does not stop early. Accuracy after the last epoch is listed per run, to show that compiling does not change what
@@ -42,7 +43,8 @@ def run_sweep(args, attention: str, compile_on: bool, sweep_dir: Path) -> float:
     """Wall seconds of one sweep process (its output goes to sweep_dir/log.txt)."""
     cmd = [sys.executable, "-m", "mad.run", "-m", "+sweep=mad", f"mad_setting={args.setting}",
            f"attention={attention}", f"optimizer={args.optimizer}", f"train.epochs={args.epochs}",
-           "hydra/launcher=stacked", f"hydra.launcher.compile={str(compile_on).lower()}", "progress=false",
+           "hydra/launcher=stacked", f"hydra.launcher.compile={str(compile_on).lower()}",
+           "hydra.launcher.compile_min_steps=0", "progress=false",  # compile even a short timing sweep
            f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
     sweep_dir.mkdir(parents=True)
     started = time.perf_counter()

@@ -24,7 +24,7 @@ from kernels.batching import fold_vmapped
 # 768, bf16, causal, CUDA graph + torch.compile) measured 2.59 / 5.69 / 11.53 / 25.73 / 63.47 ms at L = 32 / 128 /
 # 256 / 512 / 1024 this way against 3.26 / 6.12 / 12.90 / 30.18 / 75.04 ms in the default order on the H200
 # (analysis/throughput/epoch_softmax*.md). One kernel call at batch 128 (analysis/kernels/parallax_train_bench.md,
-# MAD rows) is 1.4-1.5x faster at L >= 256, but at L = 128 runs have disagreed (cuDNN 0.15-0.25 ms, flash 0.20).
+# MAD rows) is 1.4-1.5x faster at L >= 256, but at L = 128 runs have disagreed (cuDNN 0.18-0.25 ms, flash 0.20).
 # Its bf16 error is a little larger: 1.46e-2 against flash's 1.16e-2 (max-norm, output and gradients vs fp32, at
 # B=32 H=16 L=512 D=8). Benchmarks set this to PyTorch's order to measure the difference.
 PREFERRED_BACKENDS = (
@@ -43,7 +43,7 @@ def preferred_backends():
     """Context (or, as `@preferred_backends()`, decorator) in which SDPA tries the enabled backends of
     `PREFERRED_BACKENDS` in that order (a backend that cannot take a call, such as cuDNN on the CPU, passes it to
     the next); around a whole training loop, so that `torch.compile` traces and CUDA graphs capture its picks."""
-    order = [b for b in PREFERRED_BACKENDS if _ENABLED.get(b, lambda: True)()]
+    order = [b for b in PREFERRED_BACKENDS if _ENABLED[b]()]
     with sdpa_kernel(order, set_priority=True):
         yield
 

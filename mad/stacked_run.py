@@ -21,7 +21,6 @@ run after another, through `mad.run.run`.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,9 @@ from mad.resume import run_identity
 from mad.run import (
     fail_record, finish_record, initial_model, load_splits, loop_config, print_summary, record_header, run, validate,
 )  # fmt: skip
-from mad.stacked_train import StackedOutcome, StackedRun, StepOptions, shared_optimizer_settings, train_stacked
+from mad.stacked_train import (
+    StackedOutcome, StackedRun, StepOptions, full_steps, shared_optimizer_settings, train_stacked,
+)  # fmt: skip
 
 # Layers whose forward torch.vmap can batch over stacked weights (SDPA, our Parallax kernels and reference).
 STACKABLE_MIXERS = (
@@ -132,8 +133,11 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
                 for model, plan in zip(models, plans)]  # fmt: skip
         heartbeat = None if first.cfg.progress else Heartbeat(first.run_dir.parent, len(plans), first.cfg.train.epochs)
         loop = loop_config(first.cfg, device)
-        steps = loop.epochs * math.ceil(len(runs[0].train_split.inputs) / loop.batch_size)
-        options = options.for_device(device).for_steps(steps)
+        asked, steps = options.for_device(device), full_steps(runs, loop)
+        options = asked.for_steps(steps)
+        if asked.compile and not options.compile:
+            Console(soft_wrap=True).print(f"stack {first.run_dir.parent}: not compiled, {steps} training steps are "
+                                          f"fewer than hydra.launcher.compile_min_steps={asked.compile_min_steps}")
         train_stacked(runs, first.resolved["train"]["schedule"], loop, options=options, on_finish=write,
                       on_epoch=heartbeat)  # fmt: skip
     except Exception as e:

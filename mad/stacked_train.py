@@ -351,9 +351,8 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
     evaluate = EvalFunction(stacked, cfg, step.cuda_graph and options.eval_graph)
     active = list(range(len(runs)))  # the run index at each stack position
     outcomes: dict[int, StackedOutcome] = {}
-    steps_per_epoch = math.ceil(data.train.inputs.shape[1] / cfg.batch_size)
     with progress_bar(cfg.progress) as bar:
-        task = bar.add_task("training", total=cfg.epochs * steps_per_epoch, stats="")
+        task = bar.add_task("training", total=full_steps(runs, cfg), stats="")
         for epoch in range(1, cfg.epochs + 1):
             started = time.perf_counter()
             lrs = _apply_schedules(optimizers, [shadows[i] for i in active])
@@ -395,6 +394,11 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
                 step.reset()
                 evaluate.reset()
     return [outcomes[i] for i in range(len(runs))]
+
+
+def full_steps(runs: list[StackedRun], cfg: LoopConfig) -> int:
+    """Training steps of each of the runs when none stops early: `cfg.epochs` x batches per epoch."""
+    return cfg.epochs * math.ceil(len(runs[0].train_split.inputs) / cfg.batch_size)
 
 
 def _apply_schedules(optimizers: list[StackedOptimizer], shadows: list[ScheduleShadow]) -> list[float]:

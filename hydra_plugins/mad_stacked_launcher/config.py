@@ -20,8 +20,9 @@ class StackedLauncherConf:
     compile: bool = False  # the stack's forward under torch.compile (CUDA only; analysis/throughput/sweep_compile.md)
     # With compile: stacks with fewer training steps (epochs x steps per epoch) than this skip it. ~20 s of compiling
     # (analysis/throughput/epoch_softmax.md, first epoch) against 3.8 ms saved per step at L=128 (throughput.md,
-    # graph vs graph+compile) pays back after ~5,000 steps; the 400-step memorization stacks spent 80 % of their
-    # epochs' time in the epochs that compiled.
+    # graph vs graph+compile) pays back after ~5,000 steps (at L=1024, 12 ms saved: ~1,700; the protocol's settings
+    # under 5,000 steps are all at L <= 256); the 400-step memorization stacks spent over 80 % of their epochs' time
+    # in the epochs that compiled.
     compile_min_steps: int = 5000
     start_until: float = 0.0  # seconds after the launch: no group starts later (0: no limit); for calls with a deadline
 

@@ -176,7 +176,9 @@ def main(argv=None) -> int:
     if args.sdpa_default:
         import kernels.sdpa
 
-        kernels.sdpa.PREFERRED_BACKENDS = tuple(kernels.sdpa.SDPBackend(i) for i in torch._C._get_sdp_priority_order())
+        default = torch._C._get_sdp_priority_order()  # the same backends in PyTorch's own order
+        preferred = kernels.sdpa.PREFERRED_BACKENDS
+        kernels.sdpa.PREFERRED_BACKENDS = tuple(sorted(preferred, key=lambda b: default.index(int(b))))
     notes = []
     if device.type == "cuda":
         notes.append(f"captured vs eager test logits (2-run stack, L=128): max |difference| = "

@@ -108,7 +108,8 @@ class StepOptions:
     compile_min_steps: int = 0  # with compile, stacks of fewer training steps than this skip it (`for_steps`)
 
     def for_device(self, device: torch.device) -> StepOptions:
-        return self if device.type == "cuda" else StepOptions()
+        """These options on `device`: off the GPU, without the CUDA-only graphs and compile."""
+        return self if device.type == "cuda" else dataclasses.replace(self, cuda_graph=False, compile=False)
 
     def for_steps(self, steps: int) -> StepOptions:
         """These options for a stack of at most `steps` training steps: compiling only where it can pay back."""

@@ -422,11 +422,13 @@ def test_throughput_benchmark_cpu_smoke(tmp_path):
 
 
 def test_epoch_benchmark_cpu_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/bench_epoch.py", "--cpu-smoke", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    table = (tmp_path / "epoch_softmax.md").read_text()
-    assert "| 16 |" in table and "GPU-minutes** for softmax" in table and "not a measurement" in table
+    both = ["--eval-eager", "--sdpa-default"]
+    for switches, stem in (([], "epoch_softmax"), (both, "epoch_softmax_eval_eager_sdpa_default")):
+        proc = subprocess.run([sys.executable, "benchmarks/bench_epoch.py", "--cpu-smoke", *switches, "--out",
+                               str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        table = (tmp_path / f"{stem}.md").read_text()
+        assert "| 16 |" in table and "GPU-minutes** for softmax" in table and "not a measurement" in table
 
 
 def test_step_profile_script_runs_on_cpu(tmp_path):

@@ -231,6 +231,15 @@ def test_check_script_cpu_smoke(tmp_path):
     assert "| all |" in report and "FAIL" not in report
 
 
+def test_row_stats_emulation_script_cpu_smoke(tmp_path):
+    proc = _script("benchmarks/emulate_row_stats.py", "--seeds", "1", "--lengths", "2", "64", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = (tmp_path / "parallax_row_stats_emulation.md").read_text().splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table}
+    assert rows["recomputed"].endswith("| 0 of 60 |")  # the kernel's choice stays within the check's tolerance
+    assert "saved bf16" in rows and "saved fp16, first tile recomputed" in rows
+
+
 def test_forward_tuning_script_cpu_smoke(tmp_path):
     proc = _script("benchmarks/tune_parallax_fwd.py", "--cpu-smoke", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -11,8 +11,9 @@ The `stacked` Hydra launcher (hydra_plugins/mad_stacked_launcher) drives this:
    else.
 3. `run_group` trains one group with mad/stacked_train.py and writes each run's record and weights to its own
    directory as soon as the run leaves the stack, in the same format as an alone run (plus `stacked_runs`: how many
-   runs shared the stack); a sweep stopped mid-stack (a deadline) so keeps every run that had finished. A record's
-   `wall_time_s` is the time from the stack's start until that run left it.
+   runs shared the stack); a sweep stopped mid-stack (a deadline) so keeps every run that had finished, and the
+   stack's other runs resume from their checkpoints (mad/stack_checkpoint.py) at the next launch. A record's
+   `wall_time_s` is the time from the (resumed) stack's start until that run left it.
 
 Mixers whose layers cannot be vmapped (the fla baselines' Triton kernels have no batching rule) train alone, one
 run after another, through `mad.run.run`.
@@ -36,6 +37,7 @@ from mad.resume import run_identity
 from mad.run import (
     fail_record, finish_record, initial_model, load_splits, loop_config, print_summary, record_header, run, validate,
 )  # fmt: skip
+from mad.stack_checkpoint import StackCheckpoints
 from mad.stacked_train import (
     StackedOutcome, StackedRun, StepOptions, full_steps, shared_optimizer_settings, train_stacked,
 )  # fmt: skip
@@ -104,9 +106,11 @@ def group_plans(plans: list[RunPlan], max_group: int = 0) -> list[list[RunPlan]]
     return chunked + singles
 
 
-def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions = StepOptions()) -> list[dict]:
+def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions = StepOptions(),
+              checkpoint_every_s: float = 0.0) -> list[dict]:  # fmt: skip
     """Train one group (mad/stacked_train.py; a lone non-stackable run trains as `mad.run` would) and write every
-    run's record and weights. Returns the records, in order."""
+    run's record and weights. Returns the records, in order. With `checkpoint_every_s` > 0 the stack saves
+    checkpoints (mad/stack_checkpoint.py) that often; a stack whose runs all have one resumes from them."""
     if len(plans) == 1 and not stackable(plans[0]):
         return [_run_alone(plans[0], device)]
     first = plans[0]
@@ -117,10 +121,14 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
         records.append(record | {"stacked_runs": len(plans)})
     started = time.perf_counter()
     written: set[int] = set()
+    console = Console(soft_wrap=True)
+    checkpoints = StackCheckpoints([p.run_dir for p in plans], [run_identity(p.resolved) for p in plans],
+                                   checkpoint_every_s, log=console.print)  # fmt: skip
 
     def write(index: int, outcome: StackedOutcome) -> None:
         finish_record(records[index], outcome.result, outcome.state_dict, plans[index].run_dir,
                       time.perf_counter() - started)  # fmt: skip
+        checkpoints.discard(index)
         written.add(index)
         print_summary(records[index], plans[index].run_dir)
 
@@ -136,10 +144,10 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
         asked, steps = options.for_device(device), full_steps(runs, loop)
         options = asked.for_steps(steps)
         if asked.compile and not options.compile:
-            Console(soft_wrap=True).print(f"stack {first.run_dir.parent}: not compiled, {steps} training steps are "
-                                          f"fewer than hydra.launcher.compile_min_steps={asked.compile_min_steps}")
+            console.print(f"stack {first.run_dir.parent}: not compiled, {steps} training steps are fewer than "
+                          f"hydra.launcher.compile_min_steps={asked.compile_min_steps}")
         train_stacked(runs, first.resolved["train"]["schedule"], loop, options=options, on_finish=write,
-                      on_epoch=heartbeat)  # fmt: skip
+                      on_epoch=heartbeat, checkpoints=checkpoints)  # fmt: skip
     except Exception as e:
         for index, (plan, record) in enumerate(zip(plans, records)):
             if index not in written:

@@ -31,6 +31,7 @@ from mad.diagnostics import model_diagnostics
 from mad.metrics import score_epoch, score_runs
 from mad.optim import split_parameters
 from mad.schedules import build_schedules
+from mad.stack_checkpoint import RunState, StackCheckpoints
 from mad.stacked_model import StackedModel
 from mad.stacked_optim import StackedAdamW, StackedMuon, StackedOptimizer
 from mad.tasks import IGNORE_INDEX
@@ -328,19 +329,26 @@ def per_run_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @preferred_backends()
 def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, options: StepOptions = StepOptions(),
                   on_finish: Callable[[int, StackedOutcome], None] | None = None,
-                  on_epoch: Callable[[int, int, float], None] | None = None) -> list[StackedOutcome]:  # fmt: skip
+                  on_epoch: Callable[[int, int, float], None] | None = None,
+                  checkpoints: StackCheckpoints | None = None) -> list[StackedOutcome]:  # fmt: skip
     """Train every run of the group; returns, per run in order, what `mad.train.train` would return for it alone,
     with its final weights. `cfg.seed` is not used: each run's own seed orders its data. `on_finish(index, outcome)`
     is called as each run leaves the stack (its result is final then), so that it can be recorded at once: a stack
     stopped later still keeps the runs that finished before. `on_epoch(epoch, runs_left, seconds)` follows every
-    epoch: the runs still training after it and the epoch's seconds, training, evaluation and diagnostics."""
+    epoch: the runs still training after it and the epoch's seconds, training, evaluation and diagnostics.
+    `checkpoints` (mad/stack_checkpoint.py): the stack resumes from them if they all hold one epoch, and saves them
+    when due, at the end of an epoch."""
     check_group(runs)
     device = cfg.device
     data = StackedData(runs, device)
+    resumed = checkpoints.load() if checkpoints is not None else None
+    if resumed is not None:
+        for run, state in zip(runs, resumed):
+            run.model.load_state_dict(state.weights)
     scratch = copy.deepcopy(runs[0].model).to(device)  # run n's weights are loaded into it for diagnostics and saving
-    results = [TrainResult(status="ok") for _ in runs]
+    results = [state.result for state in resumed] if resumed else [TrainResult(status="ok") for _ in runs]
     probes = [data.test_inputs(n)[: cfg.diagnostics_batch] for n in range(len(runs))] if cfg.diagnostics_batch else None
-    if probes is not None:
+    if probes is not None and resumed is None:
         for run, result, probe in zip(runs, results, probes):
             result.diagnostics = []
             result.initial_diagnostics = model_diagnostics(run.model.to(device), probe)
@@ -348,13 +356,15 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
     optimizers = build_optimizers(stacked, scratch, [r.optimizer for r in runs])
     shadows = [ScheduleShadow(r.optimizer["lr"], r.optimizer["weight_decay"], len(optimizers), schedule, cfg.epochs)
                for r in runs]  # fmt: skip
+    first_epoch = 1 if resumed is None else _restore(resumed, optimizers, shadows, data) + 1
     step = StepFunction(stacked, optimizers, cfg, options)
     evaluate = EvalFunction(stacked, cfg, step.cuda_graph and options.eval_graph)
     active = list(range(len(runs)))  # the run index at each stack position
     outcomes: dict[int, StackedOutcome] = {}
     with progress_bar(cfg.progress) as bar:
         task = bar.add_task("training", total=full_steps(runs, cfg), stats="")
-        for epoch in range(1, cfg.epochs + 1):
+        bar.advance(task, full_steps(runs, cfg) * (first_epoch - 1) // cfg.epochs)
+        for epoch in range(first_epoch, cfg.epochs + 1):
             started = time.perf_counter()
             lrs = _apply_schedules(optimizers, [shadows[i] for i in active])
             stacked.train()
@@ -394,7 +404,39 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
                     opt.select(keep)
                 step.reset()
                 evaluate.reset()
+            if checkpoints is not None and checkpoints.due():
+                checkpoints.save({run: _run_state(epoch, pos, run, stacked, optimizers, data, results[run], scratch)
+                                  for pos, run in enumerate(active)})  # fmt: skip
     return [outcomes[i] for i in range(len(runs))]
+
+
+def _run_state(epoch: int, pos: int, run: int, stacked: StackedModel, optimizers: list[StackedOptimizer],
+               data: StackedData, result: TrainResult, scratch: nn.Module) -> RunState:  # fmt: skip
+    """Run `run` (at stack position `pos`) after `epoch` epochs, on the CPU."""
+    return RunState(
+        epoch=epoch,
+        weights=_weights(stacked, pos, scratch),
+        optimizer_state=[[t[pos].detach().cpu().clone() for t in opt.state_tensors()] for opt in optimizers],
+        step_counts=[opt.step_count.item() for opt in optimizers],
+        data_order=data.orders[run].get_state(),
+        result=copy.deepcopy(result),
+    )
+
+
+def _restore(states: list[RunState], optimizers: list[StackedOptimizer], shadows: list[ScheduleShadow],
+             data: StackedData) -> int:  # fmt: skip
+    """Put every run's saved optimizer state, schedule and data order back (its weights are loaded before stacking);
+    returns the epoch the states were saved after."""
+    for pos, state in enumerate(states):
+        for opt, saved in zip(optimizers, state.optimizer_state):
+            for tensor, value in zip(opt.state_tensors(), saved):
+                tensor[pos].copy_(value)
+        data.orders[pos].set_state(state.data_order)
+        for _ in range(state.epoch):
+            shadows[pos].step()
+    for index, opt in enumerate(optimizers):
+        opt.step_count.fill_(states[0].step_counts[index])
+    return states[0].epoch
 
 
 def full_steps(runs: list[StackedRun], cfg: LoopConfig) -> int:

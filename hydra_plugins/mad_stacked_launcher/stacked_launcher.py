@@ -8,10 +8,11 @@ Every job's directory, `.hydra/` config and record are those of the basic launch
 bad configs are reported before anything trains. Groups go to worker processes, `workers_per_device` per device,
 the largest groups first; with a single worker everything runs in this process.
 
-`start_until` is for machines lent with a deadline: the runs still training in a stack stopped by the deadline start
-over next time, so past `start_until` seconds after the launch (counted from when the launcher starts, after Python
-and Hydra have loaded) no further group starts; their runs get no record, the sweep says how many, and the next
-launch trains them.
+`start_until` is for machines lent with a deadline: past `start_until` seconds after the launch (counted from when the
+launcher starts, after Python and Hydra have loaded) no further group starts; their runs get no record, the sweep says
+how many, and the next launch trains them. A stack stopped by the deadline resumes at the next launch from the
+checkpoints it saved every `checkpoint_every_s` seconds (mad/stack_checkpoint.py), when its run directories are still
+there (on another machine: carried with them).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _check_start(start_by: float | None) -> None:
         raise NotStarted("not started: hydra.launcher.start_until had passed")
 
 
-def _train_group_in_worker(plans, options, start_by: float | None) -> list[dict]:
+def _train_group_in_worker(plans, options, checkpoint_every_s: float, start_by: float | None) -> list[dict]:
     _check_start(start_by)
     import torch
 
@@ -96,7 +97,7 @@ def _train_group_in_worker(plans, options, start_by: float | None) -> list[dict]
     device = torch.device(_WORKER_DEVICE)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return run_group(plans, device, options)
+    return run_group(plans, device, options, checkpoint_every_s)
 
 
 def _or_error(call):
@@ -121,7 +122,7 @@ def _outcome(records: list[dict] | Exception, index: int) -> dict | Exception:
 class StackedLauncher(Launcher):
     def __init__(self, devices: Any = "auto", workers_per_device: int = 1, max_group: int = 0,
                  cuda_graph: bool = True, compile: bool = False, compile_min_steps: int = 5000,
-                 start_until: float = 0.0) -> None:  # fmt: skip
+                 start_until: float = 0.0, checkpoint_every_s: float = 60.0) -> None:  # fmt: skip
         from mad.stacked_train import StepOptions
 
         super().__init__()
@@ -129,6 +130,7 @@ class StackedLauncher(Launcher):
         self.max_group = max_group
         self.options = StepOptions(cuda_graph=cuda_graph, compile=compile, compile_min_steps=compile_min_steps)
         self.start_until = start_until
+        self.checkpoint_every_s = checkpoint_every_s
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
 
@@ -195,6 +197,9 @@ class StackedLauncher(Launcher):
                                  f"{self.options.compile_min_steps}")
             if not self.start_until >= 0:
                 raise ValueError(f"hydra.launcher.start_until must be >= 0 seconds (0: no limit), got {self.start_until}")
+            if not self.checkpoint_every_s >= 0:
+                raise ValueError("hydra.launcher.checkpoint_every_s must be >= 0 seconds (0: no checkpoints), got "
+                                 f"{self.checkpoint_every_s}")
             return worker_slots(devices, self.workers_per_device)
         except ValueError as e:
             from rich.console import Console
@@ -214,7 +219,7 @@ class StackedLauncher(Launcher):
 
             def train(group: list) -> list[dict]:
                 _check_start(start_by)
-                return run_group(group, device, self.options)
+                return run_group(group, device, self.options, self.checkpoint_every_s)
 
             return [_or_error(lambda g=group: train(g)) for group in groups]
         context = multiprocessing.get_context("spawn")
@@ -222,5 +227,6 @@ class StackedLauncher(Launcher):
         for slot in slots:
             queue.put(slot)
         with ProcessPoolExecutor(len(slots), mp_context=context, initializer=_pin_worker, initargs=(queue,)) as pool:
-            futures = [pool.submit(_train_group_in_worker, group, self.options, start_by) for group in groups]
+            futures = [pool.submit(_train_group_in_worker, group, self.options, self.checkpoint_every_s, start_by)
+                       for group in groups]  # fmt: skip
             return [_or_error(f.result) for f in futures]

@@ -1,0 +1,147 @@
+"""Mid-stack checkpoints (mad/stack_checkpoint.py): a stack stopped mid-training resumes where it stopped and gives
+the records of an uninterrupted stack."""
+
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mad.config_checks import task_setting
+from mad.data import load_split
+from mad.run import build_model
+from mad.stack_checkpoint import CHECKPOINT_NAME, StackCheckpoints
+from mad.stacked_train import StackedRun, train_stacked
+from mad.train import LoopConfig
+from tests.conftest import REPO, records_under
+from tests.test_stacked_training import GRID, compose_cfg
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _group(optimizer: str):
+    cfg = compose_cfg("attention=softmax", f"optimizer={optimizer}", "task.num_train_examples=128",
+                      "task.num_test_examples=64")  # fmt: skip
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    splits = [load_split(cfg.task.name, s, n, cfg.seed, task_setting(resolved["task"]), None)
+              for s, n in (("train", 128), ("test", 64))]  # fmt: skip
+    # Early stopping between the learners' accuracies, so that runs leave the stack (and its checkpoints) on the way.
+    loop = LoopConfig(epochs=4, batch_size=32, early_stop_accuracy=0.2, seed=cfg.seed, device=torch.device("cpu"),
+                      autocast_dtype=None, progress=False, diagnostics_batch=8)  # fmt: skip
+
+    def runs():
+        torch.manual_seed(cfg.seed)
+        return [StackedRun(build_model(cfg), dict(resolved["optimizer"], lr=lr, weight_decay=wd), *splits, seed=cfg.seed)
+                for lr, wd in GRID]  # fmt: skip
+
+    return runs, resolved["train"]["schedule"], loop, resolved
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_resumed_stack_gives_the_records_of_an_uninterrupted_one(tmp_path, optimizer):
+    runs, schedule, loop, resolved = _group(optimizer)
+    whole = [o.result for o in train_stacked(runs(), schedule, loop)]
+
+    dirs = [tmp_path / f"run{i}" for i in range(len(GRID))]
+    for d in dirs:
+        d.mkdir()
+    identities = [resolved | {"lr": lr} for lr, _ in GRID]
+    saved = StackCheckpoints(dirs, identities, every_s=1e-9, log=lambda _: None)
+    finished = {}
+
+    def stop_after_epoch_2(epoch, runs_left, seconds):
+        if epoch == 2:
+            raise Interrupted
+
+    def keep(index, outcome):  # what run_group does as a run leaves the stack: record it, drop its checkpoint
+        finished[index] = outcome.result
+        saved.discard(index)
+
+    with pytest.raises(Interrupted):
+        train_stacked(runs(), schedule, loop, on_finish=keep, on_epoch=stop_after_epoch_2, checkpoints=saved)
+    # Epoch 2's checkpoint is written after on_epoch: the stack resumes after epoch 1, as a deadline mid-epoch would.
+    left = [i for i in range(len(GRID)) if i not in finished]
+    assert left and all((dirs[i] / CHECKPOINT_NAME).exists() for i in left)
+    messages = []
+    again = StackCheckpoints([dirs[i] for i in left], [identities[i] for i in left], every_s=0, log=messages.append)
+    resumed = train_stacked([runs()[i] for i in left], schedule, loop, checkpoints=again)
+    assert any("resumes after epoch 1" in m for m in messages), messages
+    for i, outcome in zip(left, resumed):
+        finished[i] = outcome.result
+    for i, (a, b) in enumerate(zip(whole, (finished[i] for i in range(len(GRID))))):
+        assert (a.status, a.steps, a.early_stopped, len(a.epochs), a.train_tokens) == (
+            b.status, b.steps, b.early_stopped, len(b.epochs), b.train_tokens), i
+        for ea, eb in zip(a.epochs, b.epochs):
+            assert ea.lr == eb.lr
+            assert math.isclose(ea.train_loss, eb.train_loss, rel_tol=1e-5), (i, ea.epoch)
+            assert math.isclose(ea.test_loss, eb.test_loss, rel_tol=1e-5), (i, ea.epoch)
+        assert len(a.diagnostics) == len(b.diagnostics) and a.initial_diagnostics == b.initial_diagnostics
+
+
+def test_a_stack_starts_over_unless_every_run_has_a_checkpoint_of_its_config_at_one_epoch(tmp_path):
+    runs, schedule, loop, resolved = _group("adamw")
+    dirs = [tmp_path / f"run{i}" for i in range(len(GRID))]
+    for d in dirs:
+        d.mkdir()
+    identities = [resolved | {"lr": lr} for lr, _ in GRID]
+    loop = dataclasses.replace(loop, epochs=3, early_stop_accuracy=2.0)
+
+    def stop_in_epoch_2(epoch, runs_left, seconds):
+        if epoch == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_stacked(runs(), schedule, loop, on_epoch=stop_in_epoch_2,
+                      checkpoints=StackCheckpoints(dirs, identities, 1e-9, log=lambda _: None))  # fmt: skip
+    assert all((d / CHECKPOINT_NAME).exists() for d in dirs)
+
+    def load(identities, dirs=dirs):
+        messages = []
+        states = StackCheckpoints(dirs, identities, 0, log=messages.append).load()
+        return states, " ".join(messages)
+
+    states, said = load(identities)
+    assert states is not None and [s.epoch for s in states] == [1, 1, 1] and "resumes after epoch 1" in said
+    changed = [identities[0] | {"seed": 99}, *identities[1:]]
+    states, said = load(changed)
+    assert states is None and "different config (differs in seed)" in said and "starts over" in said
+    (dirs[1] / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    states, said = load(identities)
+    assert states is None and "unreadable" in said
+    (dirs[1] / CHECKPOINT_NAME).unlink()
+    states, said = load(identities)
+    assert states is None and "2 have a usable checkpoint" in said
+    assert load(identities, [tmp_path / "none"] * 3) == (None, "")
+
+
+def test_the_launcher_resumes_a_stack_killed_mid_training_from_its_checkpoints(cli, tmp_path):
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = ["-m", "profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
+            "task.seq_len=16", "train.epochs=60", "train.early_stop_accuracy=1", "attention=softmax",
+            "optimizer.lr=1e-3,5e-3", "hydra/launcher=stacked", "hydra.sweep.dir=sweep",
+            "hydra.launcher.checkpoint_every_s=1e-9"]  # fmt: skip
+    sweep = subprocess.Popen([sys.executable, "-m", "mad.run", *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while len(list((tmp_path / "sweep").rglob(CHECKPOINT_NAME))) < 2 and time.time() < deadline and sweep.poll() is None:
+        time.sleep(0.05)
+    assert sweep.poll() is None, "the sweep ended before it was killed: the test needs it mid-training"
+    os.killpg(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    assert not records_under(tmp_path / "sweep")
+    again = cli(args)
+    assert again.returncode == 0, again.stderr
+    assert "stack of 2 runs resumes after epoch" in again.stdout, again.stdout
+    records = records_under(tmp_path / "sweep")
+    assert len(records) == 2 and all(r["epochs_run"] == 60 and r["status"] == "ok" for r in records)
+    assert not list((tmp_path / "sweep").rglob(CHECKPOINT_NAME)), "finished runs keep no checkpoint"
+    bad = cli([*args[:-1], "hydra.launcher.checkpoint_every_s=-1", "hydra.sweep.dir=sweep2"])
+    assert bad.returncode == 2 and "checkpoint_every_s must be >= 0 seconds" in bad.stderr

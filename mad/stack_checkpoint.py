@@ -2,12 +2,14 @@
 checkpoint instead of starting over.
 
 At the end of an epoch, at most every `every_s` seconds, each run still training writes `checkpoint.pt` into its run
-directory (atomically: a stop mid-write leaves the previous one): its weights, its slices of the optimizer state, its
-data order's generator, its training result so far and the epoch, with its config's identity
-(`mad.resume.run_identity`). A run's checkpoint is deleted once its record is written. A group resumes only when every
-run in it has a checkpoint of its own config at one epoch (the runs of a stack train in lockstep); otherwise it starts
-over and says why. Resuming gives the records an uninterrupted stack gives, up to floating-point reordering
-(tests/test_stack_checkpoint.py).
+directory: its weights, its slices of the optimizer state, its data order's generator, its training result so far and
+the epoch, with its config's identity (`mad.resume.run_identity`) and the format version. All the runs' files are
+written (and synced) before any replaces its predecessor, so a stop mid-save leaves the previous set; a save that
+fails (a full disk) is reported and training goes on. A run's checkpoint is deleted once its record is written (not a
+`failed` record: a relaunch resumes it). The runs of a stack train in lockstep, so the launcher groups runs by their
+checkpoints' epoch (`checkpoint_epoch`), and a group resumes only when every run in it has a checkpoint of its own
+config at one epoch, whose tensors fit the model and optimizers; otherwise it starts over and says why. Resuming gives
+the records an uninterrupted stack gives, up to floating-point reordering (tests/test_stack_checkpoint.py).
 
 A checkpoint holds only tensors and plain values (`torch.load(..., weights_only=True)` reads it); a MAD run's is
 ~5 MB with AdamW (weights and two moments in fp32).
@@ -27,6 +29,7 @@ from mad.resume import config_differences
 from mad.train import EpochRecord, TrainResult
 
 CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = 1  # bumped when RunState's meaning changes: checkpoints of another format are not resumed
 
 
 @dataclass
@@ -44,7 +47,7 @@ class RunState:
 def to_payload(state: RunState, identity: dict) -> dict:
     """`state` as plain values and tensors, with the config identity it belongs to."""
     payload = {f.name: getattr(state, f.name) for f in dataclasses.fields(RunState)}
-    return payload | {"identity": identity, "result": dataclasses.asdict(state.result)}
+    return payload | {"format": FORMAT, "identity": identity, "result": dataclasses.asdict(state.result)}
 
 
 def from_payload(payload: dict) -> RunState:
@@ -52,6 +55,17 @@ def from_payload(payload: dict) -> RunState:
     result["epochs"] = [EpochRecord(**e) for e in result["epochs"]]
     fields = {f.name: payload[f.name] for f in dataclasses.fields(RunState)}
     return RunState(**(fields | {"result": TrainResult(**result)}))
+
+
+def checkpoint_epoch(run_dir: Path) -> int | None:
+    """The epoch of `run_dir`'s checkpoint (None: none, or unreadable), read without loading its tensors."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:  # noqa: BLE001 - the group's load says why it is not resumed
+        return None
 
 
 class StackCheckpoints:
@@ -66,7 +80,8 @@ class StackCheckpoints:
         self._last = time.monotonic()
 
     def load(self) -> list[RunState] | None:
-        """One state per run when every run has a usable checkpoint at one epoch, else None (and why, if any had one)."""
+        """One state per run when every run has a usable checkpoint at one epoch, else None (and why, if any had one).
+        `fits` then checks them against the model and optimizers, and announces the resume."""
         found = [self._read(path, identity) for path, identity in zip(self.paths, self.identities)]
         if all(state is None for state in found):
             return None
@@ -76,29 +91,60 @@ class StackCheckpoints:
             self.log(f"stack of {len(found)} runs starts over: {have} have a usable checkpoint, at epochs "
                      f"{sorted(epochs)} (resuming needs all of them at one epoch)")  # fmt: skip
             return None
-        self.log(f"stack of {len(found)} runs resumes after epoch {epochs.pop()} ({self.paths[0].parent.parent})")
         return found
+
+    def fits(self, states: list[RunState], models: list, optimizers: list) -> bool:
+        """Whether every state's weights fit its run's model and its optimizer slices the stacked optimizers (run i
+        at stack position i); else says why (e.g. a code change renamed parameters) and the stack starts over."""
+        for path, state, model in zip(self.paths, states, models):
+            want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            have = {k: tuple(v.shape) for k, v in state.weights.items()}
+            slices = [[tuple(t.shape[1:]) for t in opt.state_tensors()] for opt in optimizers]
+            saved = [[tuple(t.shape) for t in opt] for opt in state.optimizer_state]
+            if have != want or saved != slices or len(state.step_counts) != len(optimizers):
+                self.log(f"{path}: its tensors do not fit this model and optimizer; the stack of {len(states)} runs "
+                         "starts over")  # fmt: skip
+                return False
+        self.log(f"stack of {len(states)} runs resumes after epoch {states[0].epoch} ({self.paths[0].parent.parent})")
+        return True
 
     def due(self) -> bool:
         return self.every_s > 0 and time.monotonic() - self._last >= self.every_s
 
     def save(self, states: dict[int, RunState]) -> None:
-        """Write run i's state for every i in `states` (indices into the group)."""
-        for index, state in states.items():
-            path = self.paths[index]
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(to_payload(state, self.identities[index]), tmp)
-            os.replace(tmp, path)
+        """Write run i's state for every i in `states` (indices into the group): all to temporary files first, then
+        each over its predecessor. A failure is reported, not raised: it costs only the checkpoint."""
         self._last = time.monotonic()
+        temps = {index: self._temp(index) for index in states}
+        try:
+            for index, state in states.items():
+                with open(temps[index], "wb") as f:
+                    torch.save(to_payload(state, self.identities[index]), f)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as e:
+            self.log(f"checkpoint not saved ({type(e).__name__}: {e}); training goes on")
+            for temp in temps.values():
+                temp.unlink(missing_ok=True)
+            return
+        for index, temp in temps.items():
+            os.replace(temp, self.paths[index])
 
     def discard(self, index: int) -> None:
         self.paths[index].unlink(missing_ok=True)
+        self._temp(index).unlink(missing_ok=True)
+
+    def _temp(self, index: int) -> Path:
+        return self.paths[index].with_name(CHECKPOINT_NAME + ".tmp")
 
     def _read(self, path: Path, identity: dict) -> RunState | None:
         if not path.exists():
             return None
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
+            if payload.get("format") != FORMAT:
+                self.log(f"{path}: ignored, format {payload.get('format')} (this version reads {FORMAT})")
+                return None
             diffs = config_differences(payload["identity"], identity)
             if diffs:
                 self.log(f"{path}: ignored, saved under a different config (differs in {', '.join(diffs[:5])})")

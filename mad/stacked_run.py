@@ -37,7 +37,7 @@ from mad.resume import run_identity
 from mad.run import (
     fail_record, finish_record, initial_model, load_splits, loop_config, print_summary, record_header, run, validate,
 )  # fmt: skip
-from mad.stack_checkpoint import StackCheckpoints
+from mad.stack_checkpoint import CHECKPOINT_NAME, StackCheckpoints, checkpoint_epoch
 from mad.stacked_train import (
     StackedOutcome, StackedRun, StepOptions, full_steps, shared_optimizer_settings, train_stacked,
 )  # fmt: skip
@@ -71,6 +71,7 @@ def plan_job(cfg: DictConfig) -> RunPlan | dict | None:
         return previous
     if previous:
         console.print(f"already finished ({previous['status']}), skipped: {run_dir / RECORD_NAME}")
+        (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # left if a stop came between its record and its cleanup
         return previous
     attention = HydraConfig.get().runtime.choices.get("attention")
     return RunPlan(cfg, resolved, run_dir, attention, Path(get_original_cwd()))
@@ -90,13 +91,14 @@ def group_key(plan: RunPlan) -> str:
 
 
 def group_plans(plans: list[RunPlan], max_group: int = 0) -> list[list[RunPlan]]:
-    """Stackable runs grouped by `group_key` (in first-seen order, at most `max_group` per group when > 0); every
-    other run is a group of its own."""
-    groups: dict[str, list[RunPlan]] = {}
+    """Stackable runs grouped by `group_key` and by the epoch of their checkpoint (none, or the epoch a stopped stack
+    saved it after: runs at one epoch resume together, mad/stack_checkpoint.py), in first-seen order, at most
+    `max_group` per group when > 0; every other run is a group of its own."""
+    groups: dict[tuple, list[RunPlan]] = {}
     singles = []
     for plan in plans:
         if stackable(plan):
-            groups.setdefault(group_key(plan), []).append(plan)
+            groups.setdefault((group_key(plan), checkpoint_epoch(plan.run_dir)), []).append(plan)
         else:
             singles.append([plan])
     chunked = []
@@ -121,7 +123,7 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
         records.append(record | {"stacked_runs": len(plans)})
     started = time.perf_counter()
     written: set[int] = set()
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, markup=False)
     checkpoints = StackCheckpoints([p.run_dir for p in plans], [run_identity(p.resolved) for p in plans],
                                    checkpoint_every_s, log=console.print)  # fmt: skip
 

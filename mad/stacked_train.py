@@ -341,11 +341,8 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
     check_group(runs)
     device = cfg.device
     data = StackedData(runs, device)
-    resumed = checkpoints.load() if checkpoints is not None else None
-    if resumed is not None:
-        for run, state in zip(runs, resumed):
-            run.model.load_state_dict(state.weights)
     scratch = copy.deepcopy(runs[0].model).to(device)  # run n's weights are loaded into it for diagnostics and saving
+    resumed = _resumable(checkpoints, runs, scratch, device) if checkpoints is not None else None
     results = [state.result for state in resumed] if resumed else [TrainResult(status="ok") for _ in runs]
     probes = [data.test_inputs(n)[: cfg.diagnostics_batch] for n in range(len(runs))] if cfg.diagnostics_batch else None
     if probes is not None and resumed is None:
@@ -423,13 +420,28 @@ def _run_state(epoch: int, pos: int, run: int, stacked: StackedModel, optimizers
     )
 
 
+def _resumable(checkpoints: StackCheckpoints, runs: list[StackedRun], scratch: nn.Module,
+               device: torch.device) -> list[RunState] | None:  # fmt: skip
+    """The runs' checkpointed states if the group can resume from them (they all exist at one epoch and fit the
+    model and its stacked optimizers), with each run's weights loaded into its model; else None."""
+    states = checkpoints.load()
+    if states is None:
+        return None
+    layout = build_optimizers(StackedModel([r.model for r in runs]).to(device), scratch, [r.optimizer for r in runs])
+    if not checkpoints.fits(states, [r.model for r in runs], layout):
+        return None
+    for run, state in zip(runs, states):
+        run.model.load_state_dict(state.weights)
+    return states
+
+
 def _restore(states: list[RunState], optimizers: list[StackedOptimizer], shadows: list[ScheduleShadow],
              data: StackedData) -> int:  # fmt: skip
-    """Put every run's saved optimizer state, schedule and data order back (its weights are loaded before stacking);
-    returns the epoch the states were saved after."""
+    """Put every run's saved optimizer state, schedule and data order back (its weights are loaded before stacking,
+    `_resumable`); returns the epoch the states were saved after."""
     for pos, state in enumerate(states):
-        for opt, saved in zip(optimizers, state.optimizer_state):
-            for tensor, value in zip(opt.state_tensors(), saved):
+        for opt, saved in zip(optimizers, state.optimizer_state, strict=True):
+            for tensor, value in zip(opt.state_tensors(), saved, strict=True):
                 tensor[pos].copy_(value)
         data.orders[pos].set_state(state.data_order)
         for _ in range(state.epoch):

@@ -51,6 +51,26 @@ def _group(optimizer: str, epochs: int = 4):
     return runs, resolved["train"]["schedule"], loop, resolved
 
 
+def _stopped_after_epoch_1(tmp_path, epochs: int):
+    """A stack (no early stops) stopped during epoch 2, its runs' checkpoints from epoch 1 in `tmp_path/run<i>`."""
+    runs, schedule, loop, resolved = _group("adamw", epochs=epochs)
+    loop = dataclasses.replace(loop, early_stop_accuracy=2.0)
+    dirs = [tmp_path / f"run{i}" for i in range(len(GRID))]
+    for d in dirs:
+        d.mkdir()
+    identities = [resolved | {"lr": lr} for lr, _ in GRID]
+
+    def stop_in_epoch_2(epoch, runs_left, seconds):
+        if epoch == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_stacked(runs(), schedule, loop, on_epoch=stop_in_epoch_2,
+                      checkpoints=StackCheckpoints(dirs, identities, 1e-9, log=lambda _: None))  # fmt: skip
+    assert all((d / CHECKPOINT_NAME).exists() for d in dirs)
+    return runs, schedule, loop, dirs, identities
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_a_resumed_stack_gives_the_records_of_an_uninterrupted_one(tmp_path, optimizer):
     runs, schedule, loop, resolved = _group(optimizer)
@@ -97,21 +117,7 @@ def test_a_resumed_stack_gives_the_records_of_an_uninterrupted_one(tmp_path, opt
 
 
 def test_a_stack_starts_over_unless_every_run_has_a_checkpoint_of_its_config_at_one_epoch(tmp_path):
-    runs, schedule, loop, resolved = _group("adamw", epochs=3)
-    dirs = [tmp_path / f"run{i}" for i in range(len(GRID))]
-    for d in dirs:
-        d.mkdir()
-    identities = [resolved | {"lr": lr} for lr, _ in GRID]
-    loop = dataclasses.replace(loop, early_stop_accuracy=2.0)
-
-    def stop_in_epoch_2(epoch, runs_left, seconds):
-        if epoch == 2:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        train_stacked(runs(), schedule, loop, on_epoch=stop_in_epoch_2,
-                      checkpoints=StackCheckpoints(dirs, identities, 1e-9, log=lambda _: None))  # fmt: skip
-    assert all((d / CHECKPOINT_NAME).exists() for d in dirs)
+    runs, schedule, loop, dirs, identities = _stopped_after_epoch_1(tmp_path, epochs=3)
 
     def load(identities, dirs=dirs):
         messages = []
@@ -178,20 +184,7 @@ def test_runs_group_by_the_epoch_of_their_checkpoints(tmp_path):
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_starts_the_stack_over(tmp_path):
-    runs, schedule, loop, resolved = _group("adamw", epochs=2)
-    loop = dataclasses.replace(loop, early_stop_accuracy=2.0)
-    dirs = [tmp_path / f"run{i}" for i in range(len(GRID))]
-    for d in dirs:
-        d.mkdir()
-    identities = [resolved | {"lr": lr} for lr, _ in GRID]
-
-    def stop_in_epoch_2(epoch, runs_left, seconds):
-        if epoch == 2:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        train_stacked(runs(), schedule, loop, on_epoch=stop_in_epoch_2,
-                      checkpoints=StackCheckpoints(dirs, identities, 1e-9, log=lambda _: None))  # fmt: skip
+    runs, schedule, loop, dirs, identities = _stopped_after_epoch_1(tmp_path, epochs=2)
     payload = torch.load(dirs[1] / CHECKPOINT_NAME, weights_only=True)
     name = next(iter(payload["weights"]))
     payload["weights"][name + "_renamed"] = payload["weights"].pop(name)  # as a code change renaming a parameter

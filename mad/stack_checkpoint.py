@@ -96,10 +96,10 @@ class StackCheckpoints:
     def fits(self, states: list[RunState], models: list, optimizers: list) -> bool:
         """Whether every state's weights fit its run's model and its optimizer slices the stacked optimizers (run i
         at stack position i); else says why (e.g. a code change renamed parameters) and the stack starts over."""
+        slices = [[tuple(t.shape[1:]) for t in opt.state_tensors()] for opt in optimizers]
         for path, state, model in zip(self.paths, states, models):
             want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             have = {k: tuple(v.shape) for k, v in state.weights.items()}
-            slices = [[tuple(t.shape[1:]) for t in opt.state_tensors()] for opt in optimizers]
             saved = [[tuple(t.shape) for t in opt] for opt in state.optimizer_state]
             if have != want or saved != slices or len(state.step_counts) != len(optimizers):
                 self.log(f"{path}: its tensors do not fit this model and optimizer; the stack of {len(states)} runs "

@@ -107,6 +107,13 @@ class StackedModel(nn.Module):
         return module
 
     @torch.no_grad()
+    def load_run(self, run: int, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy a module's parameters (its `state_dict`, same structure) into run `run`, in place (the stacked
+        optimizers' buffers, whose views the parameters are, see the new values)."""
+        for name, stacked in self.named_stacked().items():
+            stacked[run].copy_(state_dict[name])
+
+    @torch.no_grad()
     def select(self, keep: torch.Tensor) -> None:
         """Keep only runs `keep` (indices into the current runs), in that order. Gradients are dropped (the next
         step computes them afresh); a gradient of the old size would also break `torch.compile`'s next trace."""

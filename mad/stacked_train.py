@@ -342,25 +342,28 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
     device = cfg.device
     data = StackedData(runs, device)
     scratch = copy.deepcopy(runs[0].model).to(device)  # run n's weights are loaded into it for diagnostics and saving
-    resumed = _resumable(checkpoints, runs, scratch, device) if checkpoints is not None else None
+    stacked = StackedModel([r.model for r in runs]).to(device)
+    optimizers = build_optimizers(stacked, scratch, [r.optimizer for r in runs])
+    shadows = [ScheduleShadow(r.optimizer["lr"], r.optimizer["weight_decay"], len(optimizers), schedule, cfg.epochs)
+               for r in runs]  # fmt: skip
+    resumed = checkpoints.load() if checkpoints is not None else None
+    if resumed is not None and not checkpoints.fits(resumed, [r.model for r in runs], optimizers):
+        resumed = None
     results = [state.result for state in resumed] if resumed else [TrainResult(status="ok") for _ in runs]
     probes = [data.test_inputs(n)[: cfg.diagnostics_batch] for n in range(len(runs))] if cfg.diagnostics_batch else None
     if probes is not None and resumed is None:
         for run, result, probe in zip(runs, results, probes):
             result.diagnostics = []
             result.initial_diagnostics = model_diagnostics(run.model.to(device), probe)
-    stacked = StackedModel([r.model for r in runs]).to(device)
-    optimizers = build_optimizers(stacked, scratch, [r.optimizer for r in runs])
-    shadows = [ScheduleShadow(r.optimizer["lr"], r.optimizer["weight_decay"], len(optimizers), schedule, cfg.epochs)
-               for r in runs]  # fmt: skip
-    first_epoch = 1 if resumed is None else _restore(resumed, optimizers, shadows, data) + 1
+    first_epoch = 1 if resumed is None else _restore(resumed, stacked, optimizers, shadows, data) + 1
     step = StepFunction(stacked, optimizers, cfg, options)
     evaluate = EvalFunction(stacked, cfg, step.cuda_graph and options.eval_graph)
     active = list(range(len(runs)))  # the run index at each stack position
     outcomes: dict[int, StackedOutcome] = {}
     with progress_bar(cfg.progress) as bar:
-        task = bar.add_task("training", total=full_steps(runs, cfg), stats="")
-        bar.advance(task, full_steps(runs, cfg) * (first_epoch - 1) // cfg.epochs)
+        total = full_steps(runs, cfg)
+        task = bar.add_task("training", total=total, stats="")
+        bar.advance(task, total * (first_epoch - 1) // cfg.epochs)
         for epoch in range(first_epoch, cfg.epochs + 1):
             started = time.perf_counter()
             lrs = _apply_schedules(optimizers, [shadows[i] for i in active])
@@ -420,26 +423,12 @@ def _run_state(epoch: int, pos: int, run: int, stacked: StackedModel, optimizers
     )
 
 
-def _resumable(checkpoints: StackCheckpoints, runs: list[StackedRun], scratch: nn.Module,
-               device: torch.device) -> list[RunState] | None:  # fmt: skip
-    """The runs' checkpointed states if the group can resume from them (they all exist at one epoch and fit the
-    model and its stacked optimizers), with each run's weights loaded into its model; else None."""
-    states = checkpoints.load()
-    if states is None:
-        return None
-    layout = build_optimizers(StackedModel([r.model for r in runs]).to(device), scratch, [r.optimizer for r in runs])
-    if not checkpoints.fits(states, [r.model for r in runs], layout):
-        return None
-    for run, state in zip(runs, states):
-        run.model.load_state_dict(state.weights)
-    return states
-
-
-def _restore(states: list[RunState], optimizers: list[StackedOptimizer], shadows: list[ScheduleShadow],
-             data: StackedData) -> int:  # fmt: skip
-    """Put every run's saved optimizer state, schedule and data order back (its weights are loaded before stacking,
-    `_resumable`); returns the epoch the states were saved after."""
+def _restore(states: list[RunState], stacked: StackedModel, optimizers: list[StackedOptimizer],
+             shadows: list[ScheduleShadow], data: StackedData) -> int:  # fmt: skip
+    """Put every run's saved weights, optimizer state, schedule and data order back (run i at stack position i);
+    returns the epoch the states were saved after."""
     for pos, state in enumerate(states):
+        stacked.load_run(pos, state.weights)
         for opt, saved in zip(optimizers, state.optimizer_state, strict=True):
             for tensor, value in zip(opt.state_tensors(), saved, strict=True):
                 tensor[pos].copy_(value)

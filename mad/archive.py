@@ -2,12 +2,16 @@
 
     python -m mad.archive pack runs/sweeps/mad -o records.tar.gz       # finished records (+ their .hydra configs)
     python -m mad.archive unpack records.tar.gz -C runs/sweeps/mad     # merge them into a sweep directory
+    python -m mad.archive compare a.tar.gz b.tar.gz                    # runs both hold, and how their records differ
 
 An archive holds, per finished run (status ok or diverged), `result.json` and the job's `.hydra/` files under the
 run's path relative to the sweep directory; weights (`model.pt`) only with `--weights` (1.6 MB per MAD run).
 Unpacking never replaces a finished record: an identical one is left alone, a different one is an error (before
-anything is written), and unfinished or missing records are filled in. Relaunching the sweep then skips exactly the
-runs the archive brought (mad/resume.py).
+anything is written) unless `--keep-existing` keeps the one already there and says which, and unfinished or missing
+records are filled in. Relaunching the sweep then skips exactly the runs the archive brought (mad/resume.py).
+
+A run trained twice (two machines given the same work) gives two different records on a GPU: its kernels are not
+bit-reproducible, and a run near the early-stopping threshold can stop epochs apart. `compare` shows by how much.
 """
 
 from __future__ import annotations
@@ -51,29 +55,44 @@ def _safe_member(name: str) -> PurePosixPath:
     return path
 
 
-def unpack(archive: Path, sweep_dir: Path) -> dict[str, int]:
-    """Merge `archive` into `sweep_dir`. Returns counts: `added`, `identical` (already there), `files`.
-
-    Raises ValueError, before writing anything, for an unsafe member path, an unreadable record, or a record that
-    would replace a different finished one.
-    """
-    sweep_dir = Path(sweep_dir)
+def _read(archive: Path, records_only: bool = False) -> tuple[dict[PurePosixPath, bytes], dict[PurePosixPath, dict]]:
+    """`archive`'s files by path (only its records with `records_only`), and its records by run directory;
+    ValueError for an unsafe path or a record that is not finished."""
     with tarfile.open(archive, "r:gz") as tar:
         members = [m for m in tar.getmembers() if m.isfile()]
+        if records_only:
+            members = [m for m in members if PurePosixPath(m.name).name == RECORD_NAME]
         payload = {_safe_member(m.name): tar.extractfile(m).read() for m in members}
-    incoming = {path.parent: json.loads(data) for path, data in payload.items() if path.name == RECORD_NAME}
-    added, identical = set(), set()
-    for rel_dir, record in incoming.items():
+    records = {path.parent: json.loads(data) for path, data in payload.items() if path.name == RECORD_NAME}
+    for rel_dir, record in records.items():
         if not isinstance(record, dict) or record.get("status") not in FINISHED:
             raise ValueError(f"{archive}: {rel_dir}/{RECORD_NAME} is not a finished record")
+    return payload, records
+
+
+def unpack(archive: Path, sweep_dir: Path, *, keep_existing: bool = False) -> dict[str, int | list[str]]:
+    """Merge `archive` into `sweep_dir`. Returns the counts `added`, `identical` (already there) and `files`
+    (written), and `kept`: the run directories (relative) where a different finished record was already there and
+    stayed.
+
+    Raises ValueError, before writing anything, for an unsafe member path, an unreadable record, or (unless
+    `keep_existing`) a record that would replace a different finished one.
+    """
+    sweep_dir = Path(sweep_dir)
+    payload, incoming = _read(archive)
+    added, identical, kept = set(), set(), []
+    for rel_dir, record in incoming.items():
         target = sweep_dir / rel_dir / RECORD_NAME
         existing = _finished_or_none(target)
         if existing is None:
             added.add(rel_dir)
         elif existing == record:
             identical.add(rel_dir)
+        elif keep_existing:
+            kept.append(rel_dir.as_posix())
         else:
-            raise ValueError(f"{target} already holds a different finished record; not replaced (move it away first)")
+            raise ValueError(f"{target} already holds a different finished record; not replaced (move it away first, "
+                             "or pass --keep-existing to keep it)")
     files = 0
     for path, data in payload.items():
         run_dir = path.parent.parent if path.parent.name == ".hydra" else path.parent
@@ -86,7 +105,57 @@ def unpack(archive: Path, sweep_dir: Path) -> dict[str, int]:
     for rel_dir in added:
         write_json_atomically(sweep_dir / rel_dir / RECORD_NAME, incoming[rel_dir])
         files += 1
-    return {"added": len(added), "identical": len(identical), "files": files}
+    return {"added": len(added), "identical": len(identical), "files": files, "kept": sorted(kept)}
+
+
+COMPARED = ("test_accuracy", "best_epoch", "epochs_run", "early_stopped")
+# What says when and where a run trained, not what it learned: left out when `compare` asks if two outcomes are equal.
+_CIRCUMSTANCES = ("started_at", "finished_at", "wall_time_s", "tokens_per_s", "versions", "git", "device")
+
+
+def compare(a: Path, b: Path) -> list[dict]:
+    """The runs both archives hold, one row each, sorted by run directory: `run`, `same_outcome` (the records agree
+    in everything but when, where and how fast the run trained) and each of `COMPARED` from a and b."""
+    records_a, records_b = _read(a, records_only=True)[1], _read(b, records_only=True)[1]
+    rows = []
+    for rel_dir in sorted(set(records_a) & set(records_b)):
+        ra, rb = records_a[rel_dir], records_b[rel_dir]
+        row = {"run": rel_dir.as_posix(), "same_outcome": _outcome(ra) == _outcome(rb)}
+        for key in COMPARED:
+            row[f"{key} a"], row[f"{key} b"] = ra.get(key), rb.get(key)
+        rows.append(row)
+    return rows
+
+
+def _outcome(record: dict) -> dict:
+    history = {k: v for k, v in (record.get("history") or {}).items() if k != "seconds"}
+    return {k: v for k, v in record.items() if k not in _CIRCUMSTANCES} | {"history": history}
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    """`compare`'s rows as a summary line and a Markdown table of the runs whose outcomes differ."""
+    differ = [r for r in rows if not r["same_outcome"]]
+    gaps = [abs(r["test_accuracy a"] - r["test_accuracy b"]) for r in differ
+            if isinstance(r["test_accuracy a"], float) and isinstance(r["test_accuracy b"], float)]  # fmt: skip
+    lines = [f"{_plural(len(rows), 'run')} in both archives: {len(rows) - len(differ)} with the same outcome, "
+             f"{len(differ)} different"
+             + (f"; |test accuracy a - b| over {len(gaps)}: max {max(gaps):.4f}, mean {sum(gaps) / len(gaps):.4f}"
+                if gaps else "")]  # fmt: skip
+    if differ:
+        columns = ["run", *(f"{key} {side}" for key in COMPARED for side in "ab")]
+        lines += ["", "| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+        lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in differ]
+    return "\n".join(lines)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _finished_or_none(path: Path) -> dict | None:
@@ -110,13 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("unpack", help="merge an archive into a sweep directory")
     u.add_argument("archive", type=Path)
     u.add_argument("-C", "--sweep-dir", type=Path, required=True)
+    u.add_argument("--keep-existing", action="store_true",
+                   help="where a different finished record is already there, keep it and say so instead of stopping")
+    c = sub.add_parser("compare", help="the runs two archives both hold, and how their records differ")
+    c.add_argument("a", type=Path)
+    c.add_argument("b", type=Path)
     args = parser.parse_args(argv)
     try:
         if args.command == "pack":
             print(f"{pack(args.sweep_dir, args.out, weights=args.weights)} finished runs -> {args.out}")
+        elif args.command == "compare":
+            print(comparison_markdown(compare(args.a, args.b)))
         else:
-            counts = unpack(args.archive, args.sweep_dir)
+            counts = unpack(args.archive, args.sweep_dir, keep_existing=args.keep_existing)
             print(f"{counts['added']} runs added, {counts['identical']} already there -> {args.sweep_dir}")
+            for rel_dir in counts["kept"]:
+                print(f"kept: {rel_dir}: the record already there differs from the archive's, and stays")
     except (ValueError, OSError, tarfile.TarError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

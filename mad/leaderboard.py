@@ -33,7 +33,7 @@ from mad.published import comparison_lines
 from mad.records import GRID, canonical, load_records
 from mad.results import RECORD_NAME, STATUSES
 from mad.tasks import TASKS
-from mad.tasks.grid import BASELINES, mad_settings
+from mad.tasks.grid import BASELINES, LEARNING_RATES, WEIGHT_DECAYS, mad_settings
 
 __all__ = ["LeaderboardError", "Leaderboard", "build_leaderboard", "make_leaderboard", "setting_label"]
 
@@ -42,7 +42,7 @@ SCORE_COLUMNS = [*TASKS, "average"]
 ARCH = ["arch", "optimizer"]  # `arch` is the attention name, plus a config hash when variants exist
 KEYS = [*ARCH, "task", "setting"]
 _SETTING_STATS = ["best_accuracy", "best_lr", "best_weight_decay", *(f"runs_{s}" for s in STATUSES), "grid_points_run",
-                  "grid_points_missing", "repeated_runs"]  # fmt: skip
+                  "grid_points_missing", "repeated_runs", "off_grid_runs"]  # fmt: skip
 _EXAMPLE_PATHS = 3
 _SHORT = {"in_context_recall": "recall", "noisy_in_context_recall": "noisy", "fuzzy_in_context_recall": "fuzzy",
           "selective_copying": "copy", "compression": "compr.", "memorization": "memo."}  # console headers, 80 columns
@@ -60,7 +60,8 @@ class Leaderboard:
     board: one row per architecture (attention, optimizer, the six task scores, average, counts, notes).
     settings: one row per architecture x setting (best accuracy, its lr and wd, run counts).
     partial: bool, one row per row of ``board`` in its order (indexed by attention, optimizer), columns
-        SCORE_COLUMNS: True where a task score misses some settings, and for the average where any task score does.
+        SCORE_COLUMNS: True where a task score misses some settings or some of their lr x wd runs, and for the
+        average where any task score does.
     gaps: Muon minus AdamW scores (index: attention label, columns SCORE_COLUMNS); empty if no pair exists.
     """
 
@@ -156,9 +157,19 @@ def _expected_settings(records: pd.DataFrame, profile: str) -> pd.DataFrame:
     return pd.DataFrame(pairs, columns=["task", "setting"])
 
 
-def _setting_table(records: pd.DataFrame, archs: pd.DataFrame, expected: pd.DataFrame, grid_size: int) -> pd.DataFrame:
+def _expected_points(records: pd.DataFrame, profile: str) -> pd.DataFrame:
+    """The lr x weight-decay points every setting should have (columns GRID): the protocol's grid for the full
+    profile (a run off it is scored, never counted as a point), else every point seen in the records."""
+    if profile == FULL_PROFILE:
+        return pd.DataFrame([(lr, wd) for lr in LEARNING_RATES for wd in WEIGHT_DECAYS], columns=GRID)
+    return records[GRID].drop_duplicates().reset_index(drop=True)
+
+
+def _setting_table(records: pd.DataFrame, archs: pd.DataFrame, expected: pd.DataFrame,
+                   points: pd.DataFrame) -> pd.DataFrame:
     """One row per architecture x setting: every expected setting, plus any other setting that was run
-    (``in_grid`` False). Best accuracy with its lr and wd, run counts per status, grid points run and missing."""
+    (``in_grid`` False). Best accuracy with its lr and wd, run counts per status, and how many of the expected lr x wd
+    ``points`` were run and are missing."""
     counts = (
         records.groupby([*KEYS, "status"]).size().unstack("status", fill_value=0)
         .reindex(columns=list(STATUSES), fill_value=0).add_prefix("runs_")
@@ -167,14 +178,18 @@ def _setting_table(records: pd.DataFrame, archs: pd.DataFrame, expected: pd.Data
     best = ok.loc[ok.groupby(KEYS)["test_accuracy"].idxmax(), [*KEYS, "test_accuracy", *GRID]].set_index(KEYS)
     best.columns = ["best_accuracy", "best_lr", "best_weight_decay"]
     done = records[records["status"] != "failed"]
-    points = done.drop_duplicates([*KEYS, *GRID]).groupby(KEYS).size().rename("grid_points_run")
-    repeats = (done.groupby(KEYS).size() - points).rename("repeated_runs")
-    stats = counts.join([best, points, repeats]).reset_index()
+    distinct = done.drop_duplicates([*KEYS, *GRID])
+    per_setting = distinct.groupby(KEYS).size()  # lr x wd points run, on the grid or off it
+    on_grid = distinct.merge(points, on=GRID).groupby(KEYS).size().reindex(per_setting.index, fill_value=0)
+    stats = counts.join([
+        best, on_grid.rename("grid_points_run"), (done.groupby(KEYS).size() - per_setting).rename("repeated_runs"),
+        (per_setting - on_grid).rename("off_grid_runs"),
+    ]).reset_index()  # fmt: skip
     table = archs[ARCH].merge(expected, how="cross").merge(stats, on=KEYS, how="outer", indicator=True)
     table["in_grid"] = table.pop("_merge") != "right_only"
-    int_columns = [*counts.columns, "grid_points_run", "repeated_runs"]
+    int_columns = [*counts.columns, "grid_points_run", "repeated_runs", "off_grid_runs"]
     table[int_columns] = table[int_columns].fillna(0).astype(int)
-    table["grid_points_missing"] = grid_size - table["grid_points_run"]
+    table["grid_points_missing"] = len(points) - table["grid_points_run"]
     rank = {pair: i for i, pair in enumerate(zip(expected["task"], expected["setting"]))}
     table["_task"] = table["task"].map(TASKS.index)
     table["_rank"] = [rank.get(pair, len(rank)) for pair in zip(table["task"], table["setting"])]
@@ -195,16 +210,19 @@ def _describe_settings(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _scores(settings: pd.DataFrame, archs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per architecture (index arch, optimizer): the task scores and their average, and which task scores are partial.
+    """Per architecture (index arch, optimizer): the task scores and their average, and which task scores are partial
+    (some setting has no score, or its best is over only part of the lr x weight-decay grid).
 
     A task score is the mean best accuracy over its in-grid settings that have one (a setting whose runs all
     diverged or are missing drops out, as in MAD); NaN when none has. The average is NaN when any task is.
     """
     index = pd.MultiIndex.from_frame(archs[ARCH])
-    grid = settings[settings["in_grid"]].groupby([*ARCH, "task"])["best_accuracy"]
+    in_grid = settings[settings["in_grid"]]
+    grid = in_grid.groupby([*ARCH, "task"])["best_accuracy"]
     scores = grid.mean().unstack("task").reindex(index=index, columns=list(TASKS))
     scores["average"] = scores[list(TASKS)].mean(axis=1, skipna=False)
-    partial = (grid.count() < grid.size()).unstack("task").reindex(index=index, columns=list(TASKS))
+    missing_points = in_grid.groupby([*ARCH, "task"])["grid_points_missing"].sum() > 0  # a best over part of a grid
+    partial = ((grid.count() < grid.size()) | missing_points).unstack("task").reindex(index=index, columns=list(TASKS))
     partial = partial.eq(True)  # a task without any in-grid row (NaN) is not partial but absent
     partial["average"] = partial.any(axis=1)  # an average over partial task scores is partial too
     return scores, partial
@@ -214,17 +232,20 @@ def _notes(rows: pd.DataFrame, grid_size: int, variant: str, limit: int | None) 
     """What a reader must know about one architecture's score; ``rows``: its rows of the settings table."""
     grid = rows[rows["in_grid"]]
     missing = grid[grid["best_accuracy"].isna()]
+    part_run = grid[grid["best_accuracy"].notna() & (grid["grid_points_missing"] > 0)]
     diverged = grid[grid["runs_diverged"] > 0]
     outside = rows[~rows["in_grid"]]
     unscored = [task for task in TASKS if not grid.loc[grid["task"] == task, "best_accuracy"].notna().any()]
     points = f"of {len(grid) * grid_size} grid points (setting x lr x wd) not run"
     notes = [
         _listing(f"{len(missing)} setting(s) missing", missing, limit, grid),
+        _listing(f"{len(part_run)} setting(s) scored over part of the lr x wd grid", part_run, limit, grid),
         _listing(f"{len(diverged)} setting(s) with diverged runs", diverged, limit),
         f"no average: no score for {', '.join(unscored)}" if unscored else "",
         _count(int(grid["grid_points_missing"].sum()), points),
         _count(int(rows["runs_failed"].sum()), "failed run(s), not scored"),
         _count(int(rows["repeated_runs"].sum()), "repeated run(s) of a grid point (the best one counts)"),
+        _count(int(grid["off_grid_runs"].sum()), "run(s) at an lr x wd point off the grid (scored with the rest)"),
         _listing(f"{len(outside)} setting(s) outside the MAD grid, not scored", outside, limit),
         variant,
     ]  # fmt: skip
@@ -305,8 +326,9 @@ def build_leaderboard(runs_dir: Path, profile: str | None = None) -> Leaderboard
     selected, profile = _select_profile(records, profile, runs_dir)
     archs = _architectures(selected)
     selected = selected.merge(archs[["attention", "optimizer", "body", "opt_config", "arch"]])
-    grid_size = len(selected[GRID].drop_duplicates())  # expected lr x wd points: the union of those seen
-    settings = _setting_table(selected, archs, _expected_settings(selected, profile), grid_size)
+    points = _expected_points(selected, profile)
+    grid_size = len(points)
+    settings = _setting_table(selected, archs, _expected_settings(selected, profile), points)
     scores, partial = _scores(settings, archs)
     board = _board(settings, archs, scores, grid_size)
     return Leaderboard(
@@ -366,7 +388,8 @@ def _markdown(lb: Leaderboard, plot_note: str) -> str:
     for row, cells in zip(lb.board.itertuples(), _cells(lb)):
         values = [(f"**{text}**" if best else text) + star.replace("*", r"\*") for text, star, best in cells]
         lines.append(f"| {row.attention} | {row.optimizer} | " + " | ".join(values) + " |")
-    lines += ["", "Best per column in bold. `*`: mean over fewer settings than expected (see notes). `—`: no score."]
+    lines += ["", "Best per column in bold. `*`: provisional, some settings or some of their lr x wd runs are missing "
+              "(see notes). `—`: no score."]
     lines += ["", "## Notes", ""]
     for row, note in zip(lb.board.itertuples(), lb.shown_notes):
         lines.append(f"- **{row.attention} + {row.optimizer}**: {note or 'complete'}")

@@ -90,10 +90,10 @@ def group_key(plan: RunPlan) -> str:
     return json.dumps(identity, sort_keys=True, default=str)
 
 
-def group_plans(plans: list[RunPlan], max_group: int = 0) -> list[list[RunPlan]]:
+def group_plans(plans: list[RunPlan], max_group: int = 0, max_group_tokens: int = 0) -> list[list[RunPlan]]:
     """Stackable runs grouped by `group_key` and by the epoch of their checkpoint (none, or the epoch a stopped stack
-    saved it after: runs at one epoch resume together, mad/stack_checkpoint.py), in first-seen order, at most
-    `max_group` per group when > 0; every other run is a group of its own."""
+    saved it after: runs at one epoch resume together, mad/stack_checkpoint.py), in first-seen order, split into
+    stacks of `stack_size`; every other run is a group of its own."""
     groups: dict[tuple, list[RunPlan]] = {}
     singles = []
     for plan in plans:
@@ -103,9 +103,32 @@ def group_plans(plans: list[RunPlan], max_group: int = 0) -> list[list[RunPlan]]
             singles.append([plan])
     chunked = []
     for members in groups.values():
-        size = max_group if max_group > 0 else len(members)
+        size = stack_size(members[0], len(members), max_group, max_group_tokens)
         chunked += [members[i : i + size] for i in range(0, len(members), size)]
     return chunked + singles
+
+
+def stack_size(plan: RunPlan, runs: int, max_group: int = 0, max_group_tokens: int = 0) -> int:
+    """How many of a group's `runs` (all like `plan`) share one stack: all of them, at most `max_group` when > 0, and
+    at most `max_group_tokens` // sequence length when > 0 (never fewer than one). A stack's step time and memory grow
+    with its runs x sequence length, so the token cap keeps long-sequence stacks short enough to finish before a
+    deadline (1536: one run at L=1024, three at 512, six at 256) while short ones stay whole."""
+    size = runs
+    if max_group > 0:
+        size = min(size, max_group)
+    if max_group_tokens > 0:
+        size = min(size, max(1, max_group_tokens // plan.resolved["task"]["seq_len"]))
+    return size
+
+
+def group_work(group: list[RunPlan]) -> int:
+    """A group's training, as runs x sequence length x the steps each has left (200 epochs of 100 steps for a MAD
+    baseline; a checkpoint's epochs done off): the order in which the launcher starts groups, most first."""
+    plan = group[0]
+    task, train = plan.resolved["task"], plan.resolved["train"]
+    epochs_left = train["epochs"] - (checkpoint_epoch(plan.run_dir) or 0)
+    steps_per_epoch = -(-task["num_train_examples"] // train["batch_size"])
+    return len(group) * task["seq_len"] * epochs_left * steps_per_epoch
 
 
 def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions = StepOptions(),

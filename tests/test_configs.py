@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from mad.config_checks import check_config, task_setting
 from mad.tasks import TASKS
-from mad.tasks.grid import BASELINES, NUM_TEST_EXAMPLES
+from mad.tasks.grid import BASELINES, LEARNING_RATES, NUM_TEST_EXAMPLES, WEIGHT_DECAYS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -30,6 +30,12 @@ def test_task_yaml_is_the_mad_baseline(task):
     assert cfg["task"]["num_train_examples"] == baseline["num_train_examples"]
     assert cfg["task"]["num_test_examples"] == NUM_TEST_EXAMPLES
     check_config(cfg)
+
+
+def test_protocol_sweep_trains_the_lr_weight_decay_grid_the_leaderboard_expects():
+    params = OmegaConf.load(CONF / "sweep" / "mad.yaml").hydra.sweeper.params
+    assert tuple(float(v) for v in str(params["optimizer.lr"]).split(",")) == LEARNING_RATES
+    assert tuple(float(v) for v in str(params["optimizer.weight_decay"]).split(",")) == WEIGHT_DECAYS
 
 
 def test_yaml_for_every_task():

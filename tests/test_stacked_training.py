@@ -26,7 +26,7 @@ from mad.run import build_model, loop_config
 from mad.schedules import build_schedules
 from mad.stacked_model import StackedModel
 from mad.stacked_optim import StackedAdamW, StackedMuon
-from mad.stacked_run import RunPlan, group_plans
+from mad.stacked_run import RunPlan, group_plans, group_work
 from mad.stacked_train import (
     EvalFunction, StackedData, StackedRun, StepFunction, StepOptions, compile_stack, full_steps, train_stacked,
 )  # fmt: skip
@@ -142,7 +142,8 @@ def test_stacked_runs_give_the_records_of_alone_runs(attention, optimizer):
 
 
 def _plan(**changes):
-    resolved = {"task": {"name": "in_context_recall"}, "seed": 1, "launch": {"device": "auto"},
+    resolved = {"task": {"name": "in_context_recall", "seq_len": 128, "num_train_examples": 12800}, "seed": 1,
+                "train": {"epochs": 200, "batch_size": 128}, "launch": {"device": "auto"},
                 "attention": {"_target_": "models.attention.softmax.SoftmaxAttention"},
                 "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}}  # fmt: skip
     for key, value in changes.items():
@@ -161,6 +162,27 @@ def test_runs_group_by_everything_but_lr_weight_decay_and_seed():
     assert [len(g) for g in groups] == [6, 1, 1]
     assert groups[0] == [*grid, other_seed, launch_only] and groups[1] == [other_task] and groups[2] == [fla]
     assert [len(g) for g in group_plans(grid, max_group=3)] == [3, 1]
+
+
+def test_long_sequences_stack_fewer_runs_and_start_first():
+    def grid(seq_len, examples=12800):
+        task = {"name": "in_context_recall", "seq_len": seq_len, "num_train_examples": examples}
+        return [_plan(task=task, optimizer__lr=lr, optimizer__weight_decay=wd) for lr in (1e-4, 5e-4, 1e-3)
+                for wd in (0.0, 0.1)]  # fmt: skip
+
+    def sizes(groups):
+        return sorted(len(g) for g in groups)
+
+    long, mid, short, small = grid(1024), grid(512), grid(128), grid(128, examples=800)
+    assert sizes(group_plans(long + mid + short, max_group_tokens=1536)) == [1] * 6 + [3, 3, 6]
+    assert sizes(group_plans(long + mid, max_group=2, max_group_tokens=1536)) == [1] * 6 + [2] * 3  # both caps hold
+    assert sizes(group_plans(long, max_group_tokens=100)) == [1] * 6  # never fewer than one run
+    assert sizes(group_plans(short, max_group_tokens=0)) == [6]
+    # Most training first: each run at L=1024 (1,024 x 20,000 steps) before the whole grid at L=128 (6 x 128 x 20,000),
+    # that before the 800-example grid (6 x 128 x 1,400 steps), whatever order they were planned in.
+    groups = sorted(group_plans(small + short + long, max_group_tokens=1536), key=group_work, reverse=True)
+    assert [group_work(g) for g in groups] == [1024 * 20000] * 6 + [6 * 128 * 20000, 6 * 128 * 1400]
+    assert groups[6] == short and groups[7] == small
 
 
 def test_launcher_spreads_workers_over_the_devices():
@@ -359,7 +381,8 @@ def test_training_loops_let_sdpa_try_cudnn_first(monkeypatch):
 
 
 def test_records_archive_resumes_exactly_the_finished_runs(cli, tmp_path):
-    from mad.archive import pack, unpack
+    from mad.archive import compare, comparison_markdown, pack, unpack
+    from mad.archive import main as archive_main
 
     args = ["-m", "profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
             "task.seq_len=16", "train.epochs=1", "attention=softmax", "optimizer.lr=1e-3,5e-3"]  # fmt: skip
@@ -368,7 +391,7 @@ def test_records_archive_resumes_exactly_the_finished_runs(cli, tmp_path):
     record = json.loads(failed.read_text())
     failed.write_text(json.dumps(record | {"status": "failed"}))
     assert pack(tmp_path / "first", tmp_path / "records.tar.gz") == 1
-    assert unpack(tmp_path / "records.tar.gz", tmp_path / "second") == {"added": 1, "identical": 0, "files": 4}
+    assert unpack(tmp_path / "records.tar.gz", tmp_path / "second") == {"added": 1, "identical": 0, "files": 4, "kept": []}
     assert unpack(tmp_path / "records.tar.gz", tmp_path / "second")["identical"] == 1  # idempotent
     dry = cli([*args, "hydra.sweep.dir=second", "hydra.sweep.subdir=lr${optimizer.lr}", "dry_run=true"])
     assert dry.stdout.count("done: ") == 1 and dry.stdout.count("to run: ") == 1
@@ -378,13 +401,39 @@ def test_records_archive_resumes_exactly_the_finished_runs(cli, tmp_path):
     with pytest.raises(ValueError, match="different finished record"):
         unpack(tmp_path / "records.tar.gz", tmp_path / "second")
     assert json.loads(moved.read_text())["test_accuracy"] == 0.5
+    # --keep-existing: the run made unfinished above is finished again, so the archive now brings it (added) and the
+    # run that differs here (kept, with its config files untouched).
+    failed.write_text(json.dumps(record))
+    assert pack(tmp_path / "first", tmp_path / "both.tar.gz") == 2
+    run = moved.parent.relative_to(tmp_path / "second").as_posix()
+    config = moved.parent / ".hydra" / "config.yaml"
+    config.write_text(config.read_text() + "# edited here\n")
+    counts = unpack(tmp_path / "both.tar.gz", tmp_path / "second", keep_existing=True)
+    assert counts == {"added": 1, "identical": 0, "files": 4, "kept": [run]}
+    assert json.loads(moved.read_text())["test_accuracy"] == 0.5 and config.read_text().endswith("# edited here\n")
+    assert json.loads((tmp_path / "second" / failed.relative_to(tmp_path / "first")).read_text()) == record
+    # compare: the runs both archives hold; only the edited one has a different outcome.
+    assert pack(tmp_path / "second", tmp_path / "second.tar.gz") == 2
+    rows = compare(tmp_path / "both.tar.gz", tmp_path / "second.tar.gz")
+    other = failed.parent.relative_to(tmp_path / "first").as_posix()
+    assert [(r["run"], r["same_outcome"]) for r in rows] == sorted([(run, False), (other, True)])
+    edited = next(r for r in rows if r["run"] == run)
+    assert edited["test_accuracy b"] == 0.5
+    assert edited["test_accuracy a"] == json.loads((tmp_path / "first" / run / "result.json").read_text())["test_accuracy"]
+    summary = comparison_markdown(rows)
+    assert summary.startswith("2 runs in both archives: 1 with the same outcome, 1 different") and f"| {run} |" in summary
+    # The command line: the default stops at the conflict, --keep-existing merges, compare prints the summary.
+    assert archive_main(["unpack", str(tmp_path / "both.tar.gz"), "-C", str(tmp_path / "second")]) == 2
+    assert archive_main(["unpack", str(tmp_path / "both.tar.gz"), "-C", str(tmp_path / "second"), "--keep-existing"]) == 0
+    assert archive_main(["compare", str(tmp_path / "both.tar.gz"), str(tmp_path / "second.tar.gz")]) == 0
 
 
 def test_stacked_launcher_spreads_groups_over_worker_processes(cli, tmp_path):
-    # Two groups of one run (max_group=1) on two worker processes: plans travel to spawned workers and back.
+    # Two groups of one run (at most 16 tokens per stack, L=16) on two worker processes: plans travel to spawned
+    # workers and back.
     proc = cli(["-m", "profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
                 "task.seq_len=16", "train.epochs=1", "attention=softmax", "optimizer.weight_decay=0.0,0.1",
-                "hydra/launcher=stacked", "hydra.launcher.devices=[cpu,cpu]", "hydra.launcher.max_group=1",
+                "hydra/launcher=stacked", "hydra.launcher.devices=[cpu,cpu]", "hydra.launcher.max_group_tokens=16",
                 "hydra.sweep.dir=sweep"])  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     records = records_under(tmp_path / "sweep")

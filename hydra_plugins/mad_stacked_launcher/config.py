@@ -16,6 +16,9 @@ class StackedLauncherConf:
     devices: Any = "auto"  # auto: every CUDA device of the host, else the CPU; or a list such as [cuda:0, cuda:2]
     workers_per_device: int = 1  # concurrent groups (processes) per device
     max_group: int = 0  # most runs per stack; 0: the whole lr x weight-decay grid of a setting
+    # Most runs x sequence length per stack (0: no limit): 1536 stacks one run at L=1024, three at 512, six at 256, so
+    # that a long setting's stacks finish within a deadline (mad.stacked_run.stack_size).
+    max_group_tokens: int = 0
     cuda_graph: bool = True  # capture each stack's training step as a CUDA graph (CUDA only)
     compile: bool = False  # the stack's forward under torch.compile (CUDA only; analysis/throughput/sweep_compile.md)
     # With compile: stacks with fewer training steps (epochs x steps per epoch) than this skip it. ~20 s of compiling

@@ -6,7 +6,9 @@ over the host's devices.
 
 Every job's directory, `.hydra/` config and record are those of the basic launcher; finished runs are skipped and
 bad configs are reported before anything trains. Groups go to worker processes, `workers_per_device` per device,
-the largest groups first; with a single worker everything runs in this process.
+the most training first (runs x sequence length x steps left: the long stacks start while there is time for them);
+with a single worker everything runs in this process. `max_group` and `max_group_tokens` (runs x sequence length)
+cap a stack's size.
 
 `start_until` is for machines lent with a deadline: past `start_until` seconds after the launch (counted from when the
 launcher starts, after Python and Hydra have loaded) no further group starts; their runs get no record, the sweep says
@@ -121,13 +123,14 @@ def _outcome(records: list[dict] | Exception, index: int) -> dict | Exception:
 
 class StackedLauncher(Launcher):
     def __init__(self, devices: Any = "auto", workers_per_device: int = 1, max_group: int = 0,
-                 cuda_graph: bool = True, compile: bool = False, compile_min_steps: int = 5000,
-                 start_until: float = 0.0, checkpoint_every_s: float = 60.0) -> None:  # fmt: skip
+                 max_group_tokens: int = 0, cuda_graph: bool = True, compile: bool = False,
+                 compile_min_steps: int = 5000, start_until: float = 0.0,
+                 checkpoint_every_s: float = 60.0) -> None:  # fmt: skip
         from mad.stacked_train import StepOptions
 
         super().__init__()
         self.devices, self.workers_per_device = devices, workers_per_device
-        self.max_group = max_group
+        self.max_group, self.max_group_tokens = max_group, max_group_tokens
         self.options = StepOptions(cuda_graph=cuda_graph, compile=compile, compile_min_steps=compile_min_steps)
         self.start_until = start_until
         self.checkpoint_every_s = checkpoint_every_s
@@ -138,7 +141,7 @@ class StackedLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from mad.stacked_run import RunPlan, group_plans, plan_job
+        from mad.stacked_run import RunPlan, group_plans, group_work, plan_job
 
         launched = time.time()
         setup_globals()
@@ -154,7 +157,7 @@ class StackedLauncher(Launcher):
                 Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {' '.join(r.overrides)}: {r._return_value}")
             sys.exit(2)
         plans = [r.return_value for r in returns if isinstance(r.return_value, RunPlan)]
-        groups = sorted(group_plans(plans, self.max_group), key=len, reverse=True)
+        groups = sorted(group_plans(plans, self.max_group, self.max_group_tokens), key=group_work, reverse=True)
         log.info(f"{len(plans)} runs to train in {len(groups)} groups ({len(returns) - len(plans)} done or listed)")
         records = self._train(groups, slots, launched + self.start_until if self.start_until > 0 else None)
         left = [group for group, recs in zip(groups, records) if isinstance(recs, NotStarted)]
@@ -192,6 +195,9 @@ class StackedLauncher(Launcher):
             check_devices(devices, torch.cuda.device_count())
             if self.max_group < 0:
                 raise ValueError(f"hydra.launcher.max_group must be >= 0 (0: no limit), got {self.max_group}")
+            if self.max_group_tokens < 0:
+                raise ValueError("hydra.launcher.max_group_tokens must be >= 0 (runs x sequence length per stack; "
+                                 f"0: no limit), got {self.max_group_tokens}")
             if self.options.compile_min_steps < 0:
                 raise ValueError("hydra.launcher.compile_min_steps must be >= 0 (0: compile every stack), got "
                                  f"{self.options.compile_min_steps}")

@@ -12,9 +12,13 @@ from typing import Any
 
 from mad.tasks import task_settings
 
-__all__ = ["BASELINES", "CHANGES", "GRID_ORDER", "NUM_TEST_EXAMPLES", "generator_kwargs", "mad_settings"]
+__all__ = ["BASELINES", "CHANGES", "GRID_ORDER", "LEARNING_RATES", "NUM_TEST_EXAMPLES", "WEIGHT_DECAYS",
+           "generator_kwargs", "mad_settings"]
 
 NUM_TEST_EXAMPLES: int = 1280
+# Every setting is trained at each lr x weight decay of this grid (MAD protocol section 2; conf/sweep/mad.yaml).
+LEARNING_RATES: tuple[float, ...] = (1e-4, 5e-4, 1e-3)
+WEIGHT_DECAYS: tuple[float, ...] = (0.0, 0.1)
 _N_SWEEP: list[int] = [6400, 3200, 1600, 800]
 
 GRID_ORDER: tuple[str, ...] = (

@@ -22,7 +22,7 @@ import sys
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from mad.resume import FINISHED
+from mad.resume import FINISHED, run_identity
 from mad.results import RECORD_NAME, WEIGHTS_NAME, read_record, write_json_atomically
 
 
@@ -109,13 +109,16 @@ def unpack(archive: Path, sweep_dir: Path, *, keep_existing: bool = False) -> di
 
 
 COMPARED = ("test_accuracy", "best_epoch", "epochs_run", "early_stopped")
-# What says when and where a run trained, not what it learned: left out when `compare` asks if two outcomes are equal.
-_CIRCUMSTANCES = ("started_at", "finished_at", "wall_time_s", "tokens_per_s", "versions", "git", "device")
+# What says when, where and how a run trained, not what it learned: left out when `compare` asks whether two outcomes
+# are equal (with the config's launch-only keys, `mad.resume.run_identity`).
+_CIRCUMSTANCES = ("started_at", "finished_at", "wall_time_s", "tokens_per_s", "versions", "git", "device",
+                  "stacked_runs")
 
 
 def compare(a: Path, b: Path) -> list[dict]:
     """The runs both archives hold, one row each, sorted by run directory: `run`, `same_outcome` (the records agree
-    in everything but when, where and how fast the run trained) and each of `COMPARED` from a and b."""
+    in everything but when, where and how the run trained) and each of `COMPARED` from a and b; then one row
+    (`run`, `only_in` "a" or "b") per run only one of them holds."""
     records_a, records_b = _read(a, records_only=True)[1], _read(b, records_only=True)[1]
     rows = []
     for rel_dir in sorted(set(records_a) & set(records_b)):
@@ -124,21 +127,26 @@ def compare(a: Path, b: Path) -> list[dict]:
         for key in COMPARED:
             row[f"{key} a"], row[f"{key} b"] = ra.get(key), rb.get(key)
         rows.append(row)
+    for side, only in (("a", set(records_a) - set(records_b)), ("b", set(records_b) - set(records_a))):
+        rows += [{"run": rel_dir.as_posix(), "only_in": side} for rel_dir in sorted(only)]
     return rows
 
 
 def _outcome(record: dict) -> dict:
     history = {k: v for k, v in (record.get("history") or {}).items() if k != "seconds"}
-    return {k: v for k, v in record.items() if k not in _CIRCUMSTANCES} | {"history": history}
+    config = run_identity(record.get("config") or {})
+    return {k: v for k, v in record.items() if k not in _CIRCUMSTANCES} | {"history": history, "config": config}
 
 
 def comparison_markdown(rows: list[dict]) -> str:
     """`compare`'s rows as a summary line and a Markdown table of the runs whose outcomes differ."""
-    differ = [r for r in rows if not r["same_outcome"]]
+    both = [r for r in rows if "only_in" not in r]
+    differ = [r for r in both if not r["same_outcome"]]
+    only = {side: sum(r.get("only_in") == side for r in rows) for side in "ab"}
     gaps = [abs(r["test_accuracy a"] - r["test_accuracy b"]) for r in differ
             if isinstance(r["test_accuracy a"], float) and isinstance(r["test_accuracy b"], float)]  # fmt: skip
-    lines = [f"{_plural(len(rows), 'run')} in both archives: {len(rows) - len(differ)} with the same outcome, "
-             f"{len(differ)} different"
+    lines = [f"{_plural(len(both), 'run')} in both archives: {len(both) - len(differ)} with the same outcome, "
+             f"{len(differ)} different (only in a: {only['a']}, only in b: {only['b']})"
              + (f"; |test accuracy a - b| over {len(gaps)}: max {max(gaps):.4f}, mean {sum(gaps) / len(gaps):.4f}"
                 if gaps else "")]  # fmt: skip
     if differ:

@@ -159,7 +159,7 @@ def _expected_settings(records: pd.DataFrame, profile: str) -> pd.DataFrame:
 
 def _expected_points(records: pd.DataFrame, profile: str) -> pd.DataFrame:
     """The lr x weight-decay points every setting should have (columns GRID): the protocol's grid for the full
-    profile (a run off it is scored, never counted as a point), else every point seen in the records."""
+    profile (a run off it is not scored: the score would not be MAD's), else every point seen in the records."""
     if profile == FULL_PROFILE:
         return pd.DataFrame([(lr, wd) for lr in LEARNING_RATES for wd in WEIGHT_DECAYS], columns=GRID)
     return records[GRID].drop_duplicates().reset_index(drop=True)
@@ -168,22 +168,23 @@ def _expected_points(records: pd.DataFrame, profile: str) -> pd.DataFrame:
 def _setting_table(records: pd.DataFrame, archs: pd.DataFrame, expected: pd.DataFrame,
                    points: pd.DataFrame) -> pd.DataFrame:
     """One row per architecture x setting: every expected setting, plus any other setting that was run
-    (``in_grid`` False). Best accuracy with its lr and wd, run counts per status, and how many of the expected lr x wd
-    ``points`` were run and are missing."""
+    (``in_grid`` False). Best accuracy over the runs at the expected lr x wd ``points``, with its lr and wd; run
+    counts per status; how many of the points were run and are missing; runs off them (not scored)."""
     counts = (
         records.groupby([*KEYS, "status"]).size().unstack("status", fill_value=0)
         .reindex(columns=list(STATUSES), fill_value=0).add_prefix("runs_")
     )  # fmt: skip
-    ok = records[records["status"] == "ok"].sort_values([*GRID, "path"])  # ties go to the smallest lr, then wd
+    done = records[records["status"] != "failed"]
+    on_grid = done.merge(points, on=GRID)  # runs at an expected lr x wd point: the only ones scored
+    ok = on_grid[on_grid["status"] == "ok"].sort_values([*GRID, "path"])  # ties go to the smallest lr, then wd
     best = ok.loc[ok.groupby(KEYS)["test_accuracy"].idxmax(), [*KEYS, "test_accuracy", *GRID]].set_index(KEYS)
     best.columns = ["best_accuracy", "best_lr", "best_weight_decay"]
-    done = records[records["status"] != "failed"]
-    distinct = done.drop_duplicates([*KEYS, *GRID])
-    per_setting = distinct.groupby(KEYS).size()  # lr x wd points run, on the grid or off it
-    on_grid = distinct.merge(points, on=GRID).groupby(KEYS).size().reindex(per_setting.index, fill_value=0)
+    runs = done.groupby(KEYS).size()
+    on_grid_runs = on_grid.groupby(KEYS).size().reindex(runs.index, fill_value=0)
+    points_run = on_grid.drop_duplicates([*KEYS, *GRID]).groupby(KEYS).size()
     stats = counts.join([
-        best, on_grid.rename("grid_points_run"), (done.groupby(KEYS).size() - per_setting).rename("repeated_runs"),
-        (per_setting - on_grid).rename("off_grid_runs"),
+        best, points_run.rename("grid_points_run"), (on_grid_runs - points_run).rename("repeated_runs"),
+        (runs - on_grid_runs).rename("off_grid_runs"),
     ]).reset_index()  # fmt: skip
     table = archs[ARCH].merge(expected, how="cross").merge(stats, on=KEYS, how="outer", indicator=True)
     table["in_grid"] = table.pop("_merge") != "right_only"
@@ -209,9 +210,10 @@ def _describe_settings(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([front, keys, table[_SETTING_STATS]], axis=1)
 
 
-def _scores(settings: pd.DataFrame, archs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _scores(settings: pd.DataFrame, archs: pd.DataFrame, full_protocol: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per architecture (index arch, optimizer): the task scores and their average, and which task scores are partial
-    (some setting has no score, or its best is over only part of the lr x weight-decay grid).
+    (some setting has no score, or, in the ``full_protocol``, its best is over only part of the lr x weight-decay
+    grid).
 
     A task score is the mean best accuracy over its in-grid settings that have one (a setting whose runs all
     diverged or are missing drops out, as in MAD); NaN when none has. The average is NaN when any task is.
@@ -221,8 +223,10 @@ def _scores(settings: pd.DataFrame, archs: pd.DataFrame) -> tuple[pd.DataFrame, 
     grid = in_grid.groupby([*ARCH, "task"])["best_accuracy"]
     scores = grid.mean().unstack("task").reindex(index=index, columns=list(TASKS))
     scores["average"] = scores[list(TASKS)].mean(axis=1, skipna=False)
-    missing_points = in_grid.groupby([*ARCH, "task"])["grid_points_missing"].sum() > 0  # a best over part of a grid
-    partial = ((grid.count() < grid.size()) | missing_points).unstack("task").reindex(index=index, columns=list(TASKS))
+    partial = grid.count() < grid.size()
+    if full_protocol:  # there the grid is known, and a best over part of it is provisional
+        partial |= in_grid.groupby([*ARCH, "task"])["grid_points_missing"].sum() > 0
+    partial = partial.unstack("task").reindex(index=index, columns=list(TASKS))
     partial = partial.eq(True)  # a task without any in-grid row (NaN) is not partial but absent
     partial["average"] = partial.any(axis=1)  # an average over partial task scores is partial too
     return scores, partial
@@ -245,7 +249,7 @@ def _notes(rows: pd.DataFrame, grid_size: int, variant: str, limit: int | None) 
         _count(int(grid["grid_points_missing"].sum()), points),
         _count(int(rows["runs_failed"].sum()), "failed run(s), not scored"),
         _count(int(rows["repeated_runs"].sum()), "repeated run(s) of a grid point (the best one counts)"),
-        _count(int(grid["off_grid_runs"].sum()), "run(s) at an lr x wd point off the grid (scored with the rest)"),
+        _count(int(grid["off_grid_runs"].sum()), "run(s) at an lr x wd point off the protocol's grid, not scored"),
         _listing(f"{len(outside)} setting(s) outside the MAD grid, not scored", outside, limit),
         variant,
     ]  # fmt: skip
@@ -329,7 +333,7 @@ def build_leaderboard(runs_dir: Path, profile: str | None = None) -> Leaderboard
     points = _expected_points(selected, profile)
     grid_size = len(points)
     settings = _setting_table(selected, archs, _expected_settings(selected, profile), points)
-    scores, partial = _scores(settings, archs)
+    scores, partial = _scores(settings, archs, full_protocol=profile == FULL_PROFILE)
     board = _board(settings, archs, scores, grid_size)
     return Leaderboard(
         board=board.drop(columns="shown_notes"),
@@ -388,8 +392,8 @@ def _markdown(lb: Leaderboard, plot_note: str) -> str:
     for row, cells in zip(lb.board.itertuples(), _cells(lb)):
         values = [(f"**{text}**" if best else text) + star.replace("*", r"\*") for text, star, best in cells]
         lines.append(f"| {row.attention} | {row.optimizer} | " + " | ".join(values) + " |")
-    lines += ["", "Best per column in bold. `*`: provisional, some settings or some of their lr x wd runs are missing "
-              "(see notes). `—`: no score."]
+    lines += ["", "Best per column in bold. `*`: provisional, some settings have no score or some of their lr x wd "
+              "runs are missing (see notes). `—`: no score."]
     lines += ["", "## Notes", ""]
     for row, note in zip(lb.board.itertuples(), lb.shown_notes):
         lines.append(f"- **{row.attention} + {row.optimizer}**: {note or 'complete'}")

@@ -46,7 +46,8 @@ def comparison_lines(board: pd.DataFrame, partial: pd.DataFrame) -> list[str]:
             _cell(row[c], bool(flags[c])) for c in COLUMNS) + " |")  # fmt: skip
     for source, scores in PUBLISHED_TRANSFORMER.items():
         lines.append(f"| {source} | " + " | ".join(f"{scores[c]:.3f}" for c in COLUMNS) + " |")
-    lines += ["", "`*`: some settings or some of their lr x wd runs are missing (not comparable yet). `—`: no score.", ""]
+    lines += ["", "`*`: some settings have no score or some of their lr x wd runs are missing (not comparable yet). "
+              "`—`: no score.", ""]
     for row, flags in rows:
         complete = [c for c in COLUMNS if not math.isnan(row[c]) and not flags[c]]
         if not complete:

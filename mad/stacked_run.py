@@ -110,15 +110,17 @@ def group_plans(plans: list[RunPlan], max_group: int = 0, max_group_tokens: int 
 
 def stack_size(plan: RunPlan, runs: int, max_group: int = 0, max_group_tokens: int = 0) -> int:
     """How many of a group's `runs` (all like `plan`) share one stack: all of them, at most `max_group` when > 0, and
-    at most `max_group_tokens` // sequence length when > 0 (never fewer than one). A stack's step time and memory grow
-    with its runs x sequence length, so the token cap keeps long-sequence stacks short enough to finish before a
-    deadline (1536: one run at L=1024, three at 512, six at 256) while short ones stay whole."""
-    size = runs
+    at most `max_group_tokens` // sequence length when > 0 (never fewer than one), evened out over the stacks the caps
+    call for (6 runs at most 4 per stack: 3 and 3, not 4 and 2). A stack's step time and memory grow with its runs x
+    sequence length, so the token cap keeps long-sequence stacks short enough to finish before a deadline (1536: one
+    run at L=1024, three at 512, six at 256) while short ones stay whole."""
+    cap = runs
     if max_group > 0:
-        size = min(size, max_group)
+        cap = min(cap, max_group)
     if max_group_tokens > 0:
-        size = min(size, max(1, max_group_tokens // plan.resolved["task"]["seq_len"]))
-    return size
+        cap = min(cap, max(1, max_group_tokens // plan.resolved["task"]["seq_len"]))
+    stacks = -(-runs // cap)
+    return -(-runs // stacks)
 
 
 def group_work(group: list[RunPlan]) -> int:
@@ -126,7 +128,7 @@ def group_work(group: list[RunPlan]) -> int:
     baseline; a checkpoint's epochs done off): the order in which the launcher starts groups, most first."""
     plan = group[0]
     task, train = plan.resolved["task"], plan.resolved["train"]
-    epochs_left = train["epochs"] - (checkpoint_epoch(plan.run_dir) or 0)
+    epochs_left = max(0, train["epochs"] - (checkpoint_epoch(plan.run_dir) or 0))
     steps_per_epoch = -(-task["num_train_examples"] // train["batch_size"])
     return len(group) * task["seq_len"] * epochs_left * steps_per_epoch
 

@@ -144,7 +144,7 @@ def test_missing_and_diverged_settings_are_reported(runs, tmp_path):
     # The lr=1e-2 run is off the protocol's 6 lr x wd points (66 * 6 = 396): compression's baseline misses all 6 (the
     # diverged memorization runs count as run), and the off-grid run is counted apart.
     assert "6 of 396 grid points (setting x lr x wd) not run" in notes
-    assert "1 run(s) at an lr x wd point off the grid (scored with the rest)" in notes
+    assert "1 run(s) at an lr x wd point off the protocol's grid, not scored" in notes
     md = (tmp_path / "out" / "leaderboard.md").read_text()
     assert r"| **0.500**\* |" in md and "compression/baseline" in md and "memorization/vocab_size=8192" in printed
 
@@ -329,9 +329,9 @@ def test_softmax_rows_are_set_beside_the_published_transformer(runs, tmp_path):
 def test_a_task_whose_grid_misses_one_run_is_starred(runs, tmp_path):
     # Every setting present, but one compression setting has 5 of its 6 lr x wd runs: its best may be an underestimate,
     # so compression and the average are provisional; the other tasks are not.
-    # A run off the protocol's grid (lr 1e-2, diverged) is no missing point: it stars nothing.
+    # A run off the protocol's grid (lr 1e-2) is no missing point and is not scored: it neither stars nor lifts a task.
     runs.full_grid()
-    runs.add(task="selective_copying", lr=1e-2, status="diverged")
+    runs.add(task="in_context_recall", lr=1e-2, accuracy=1.0)
     dropped = next(p for p in sorted(runs.root.rglob(RECORD_NAME)) if json.loads(p.read_text())["task"] == "compression")
     dropped.unlink()
     leaderboard(runs, tmp_path)
@@ -341,6 +341,7 @@ def test_a_task_whose_grid_misses_one_run_is_starred(runs, tmp_path):
                      "| **0.500**\\* |")
     assert "1 setting(s) scored over part of the lr x wd grid: compression/baseline" in text
     assert "1 of 396 grid points (setting x lr x wd) not run" in text
+    assert "1 run(s) at an lr x wd point off the protocol's grid, not scored" in text
 
 
 def test_no_published_comparison_outside_the_full_protocol(runs, tmp_path):

@@ -161,7 +161,7 @@ def test_runs_group_by_everything_but_lr_weight_decay_and_seed():
     groups = group_plans([*grid, other_seed, launch_only, other_task, fla])
     assert [len(g) for g in groups] == [6, 1, 1]
     assert groups[0] == [*grid, other_seed, launch_only] and groups[1] == [other_task] and groups[2] == [fla]
-    assert [len(g) for g in group_plans(grid, max_group=3)] == [3, 1]
+    assert [len(g) for g in group_plans(grid, max_group=3)] == [2, 2]  # evened out: 4 runs in two stacks
 
 
 def test_long_sequences_stack_fewer_runs_and_start_first():
@@ -178,6 +178,7 @@ def test_long_sequences_stack_fewer_runs_and_start_first():
     assert sizes(group_plans(long + mid, max_group=2, max_group_tokens=1536)) == [1] * 6 + [2] * 3  # both caps hold
     assert sizes(group_plans(long, max_group_tokens=100)) == [1] * 6  # never fewer than one run
     assert sizes(group_plans(short, max_group_tokens=0)) == [6]
+    assert sizes(group_plans(mid, max_group_tokens=2048)) == [3, 3]  # at most 4 at L=512, evened out
     # Most training first: each run at L=1024 (1,024 x 20,000 steps) before the whole grid at L=128 (6 x 128 x 20,000),
     # that before the 800-example grid (6 x 128 x 1,400 steps), whatever order they were planned in.
     groups = sorted(group_plans(small + short + long, max_group_tokens=1536), key=group_work, reverse=True)
@@ -412,19 +413,27 @@ def test_records_archive_resumes_exactly_the_finished_runs(cli, tmp_path):
     assert counts == {"added": 1, "identical": 0, "files": 4, "kept": [run]}
     assert json.loads(moved.read_text())["test_accuracy"] == 0.5 and config.read_text().endswith("# edited here\n")
     assert json.loads((tmp_path / "second" / failed.relative_to(tmp_path / "first")).read_text()) == record
-    # compare: the runs both archives hold; only the edited one has a different outcome.
+    # compare: only the edited run has a different outcome; the other differs only in how and when it trained.
+    other = failed.parent.relative_to(tmp_path / "first").as_posix()
+    circumstances = tmp_path / "second" / other / "result.json"
+    changed = json.loads(circumstances.read_text())
+    changed |= {"started_at": "2000-01-01T00:00:00+00:00", "stacked_runs": 3,
+                "config": changed["config"] | {"progress": not changed["config"]["progress"]}}  # fmt: skip
+    circumstances.write_text(json.dumps(changed))
     assert pack(tmp_path / "second", tmp_path / "second.tar.gz") == 2
     rows = compare(tmp_path / "both.tar.gz", tmp_path / "second.tar.gz")
-    other = failed.parent.relative_to(tmp_path / "first").as_posix()
     assert [(r["run"], r["same_outcome"]) for r in rows] == sorted([(run, False), (other, True)])
     edited = next(r for r in rows if r["run"] == run)
-    assert edited["test_accuracy b"] == 0.5
-    assert edited["test_accuracy a"] == json.loads((tmp_path / "first" / run / "result.json").read_text())["test_accuracy"]
+    first_accuracy = json.loads((tmp_path / "first" / run / "result.json").read_text())["test_accuracy"]
+    assert edited["test_accuracy a"] == first_accuracy and edited["test_accuracy b"] == 0.5
     summary = comparison_markdown(rows)
-    assert summary.startswith("2 runs in both archives: 1 with the same outcome, 1 different") and f"| {run} |" in summary
+    assert summary.startswith("2 runs in both archives: 1 with the same outcome, 1 different (only in a: 0, only in b: 0)")
+    assert f"| {run} |" in summary and f"| {other} |" not in summary
+    assert compare(tmp_path / "records.tar.gz", tmp_path / "second.tar.gz")[1:] == [{"run": other, "only_in": "b"}]
     # The command line: the default stops at the conflict, --keep-existing merges, compare prints the summary.
     assert archive_main(["unpack", str(tmp_path / "both.tar.gz"), "-C", str(tmp_path / "second")]) == 2
-    assert archive_main(["unpack", str(tmp_path / "both.tar.gz"), "-C", str(tmp_path / "second"), "--keep-existing"]) == 0
+    keep = ["unpack", str(tmp_path / "both.tar.gz"), "-C", str(tmp_path / "second"), "--keep-existing"]
+    assert archive_main(keep) == 0
     assert archive_main(["compare", str(tmp_path / "both.tar.gz"), str(tmp_path / "second.tar.gz")]) == 0
 
 

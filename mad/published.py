@@ -4,7 +4,11 @@ The numbers are docs/mad-protocol.md section 4's (tables a and e), in [0, 1], si
 
 - the MAD paper's Transformer (Poli et al. 2024, as reproduced in the DeltaNet paper's MAD table): average 0.745;
 - an independent re-run of the mad-lab code with 4 layers of width 128 (github.com/HassanJbara/lin-attn-bench, branch
-  `mad`): average 0.764.
+  `mad`): average 0.764. Its Transformer's attention is not MAD's: fla's `Attention` with 2 heads of dim 64 and a
+  128-token sliding window (its evals/mad/mad_eval_transformer.py), where MAD's (and ours) has 16 heads of dim 8.
+
+`TRANSFORMER_SETUPS` says how each published Transformer differs from ours, and the leaderboard prints it under the
+table, so that a gap is read with its cause in view.
 
 Only a leaderboard of the full protocol is comparable with them (mad/leaderboard.py says which one is), and both were
 trained with AdamW: Muon rows differ in the optimizer too.
@@ -28,6 +32,13 @@ PUBLISHED_TRANSFORMER: dict[str, dict[str, float]] = {
         "selective_copying": 0.998, "compression": 0.432, "memorization": 0.788, "average": 0.764,
     },
 }  # fmt: skip
+TRANSFORMER_SETUPS: dict[str, str] = {
+    "MAD paper (Poli et al. 2024)": "the architecture ours follows (4 layers of width 128, attention with 16 heads "
+    "of dim 8), but from the paper-era code, which drew every Linear weight from N(0, 0.02) "
+    "(ours: `model.linear_init=pytorch`, mad-lab's code now; docs/mad-protocol.md 2.1)",
+    "independent re-run (lin-attn-bench)": "mad-lab's training loop and released data, but its attention is fla's "
+    "`Attention` with 2 heads of dim 64 and a 128-token sliding window, not 16 heads of dim 8",
+}
 COLUMNS = [*TASKS, "average"]
 
 
@@ -48,6 +59,7 @@ def comparison_lines(board: pd.DataFrame, partial: pd.DataFrame) -> list[str]:
         lines.append(f"| {source} | " + " | ".join(f"{scores[c]:.3f}" for c in COLUMNS) + " |")
     lines += ["", "`*`: some settings have no score or some of their lr x wd runs are missing (not comparable yet). "
               "`—`: no score.", ""]
+    lines += [*(f"- {source}: {setup}." for source, setup in TRANSFORMER_SETUPS.items()), ""]
     for row, flags in rows:
         complete = [c for c in COLUMNS if not math.isnan(row[c]) and not flags[c]]
         if not complete:

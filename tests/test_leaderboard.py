@@ -324,6 +324,8 @@ def test_softmax_rows_are_set_beside_the_published_transformer(runs, tmp_path):
     assert "memorization" not in paper and "average" not in paper
     rerun = next(line for line in section.splitlines() if "minus the independent re-run" in line)
     assert "compression +0.068" in rerun
+    setups = [line for line in section.splitlines() if line.startswith(("- MAD paper", "- independent re-run"))]
+    assert len(setups) == 2 and "2 heads of dim 64" in setups[1] and "N(0, 0.02)" in setups[0]
 
 
 def test_a_task_whose_grid_misses_one_run_is_starred(runs, tmp_path):

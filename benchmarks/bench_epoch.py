@@ -153,19 +153,23 @@ def attention_errors(device: torch.device) -> dict[str, float]:
     return errors
 
 
+def stack_epoch_seconds(rows: list[dict], setting: dict) -> float:
+    """Seconds of one epoch (training and test) of a stack of `setting`'s runs, at the measured length nearest to its
+    own (log scale; a tie, L = 64 between 32 and 128, takes the longer, costlier length). `rows`: this script's rows
+    (keys L, ms_per_step, ms_per_test_batch) of one attention."""
+    by_len = {int(r["L"]): r for r in rows}
+    row = by_len[min(by_len, key=lambda m: (abs(math.log(m / setting["seq_len"])), -m))]
+    steps = math.ceil(setting["num_train_examples"] / 128)
+    batches = math.ceil(setting["num_test_examples"] / 128)
+    return (steps * float(row["ms_per_step"]) + batches * float(row["ms_per_test_batch"])) / 1e3
+
+
 def protocol_minutes(rows: list[dict]) -> float:
     """GPU-minutes of the full protocol for one attention: 66 settings, one 6-run stack each, 200 epochs, no early
-    stopping, each setting at the measured length nearest to its own (log scale)."""
+    stopping."""
     from mad.tasks.grid import mad_settings
 
-    by_len = {r["L"]: r for r in rows}
-    total = 0.0
-    for _task, setting in mad_settings():  # a tie (L = 64 between 32 and 128) takes the longer, costlier length
-        row = by_len[min(by_len, key=lambda m: (abs(math.log(m / setting["seq_len"])), -m))]
-        steps = math.ceil(setting["num_train_examples"] / 128)
-        batches = math.ceil(setting["num_test_examples"] / 128)
-        total += 200 * (steps * row["ms_per_step"] + batches * row["ms_per_test_batch"]) / 1e3
-    return total / 60
+    return sum(200 * stack_epoch_seconds(rows, setting) for _task, setting in mad_settings()) / 60
 
 
 def main(argv=None) -> int:

@@ -48,6 +48,12 @@ def pack(sweep_dir: Path, out: Path, *, weights: bool = False) -> int:
     return len(runs)
 
 
+def read_records(archive: Path) -> dict[PurePosixPath, dict]:
+    """The finished records of `archive`, by run directory (relative); ValueError for an unsafe path or a record
+    that is not finished."""
+    return _read(archive, records_only=True)[1]
+
+
 def _safe_member(name: str) -> PurePosixPath:
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts or not path.parts:

@@ -1,0 +1,87 @@
+"""benchmarks/protocol_cost.py: the protocol's GPU time from a records archive and bench_epoch.py's prices."""
+
+import csv
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from mad.archive import pack
+from mad.results import RECORD_NAME
+from mad.tasks.grid import mad_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+protocol_cost = _module("protocol_cost")
+synthetic_record = _module("bench_leaderboard").synthetic_record
+protocol_minutes = _module("bench_epoch").protocol_minutes
+
+
+def _record(task, setting, lr, wd, epochs, attention="softmax", profile="full"):
+    record = synthetic_record(attention, "adamw", task, setting, lr, wd, random.Random(0))
+    record.update(status="ok", epochs_run=epochs, profile=profile)
+    return record
+
+
+def _prices(path: Path) -> list[dict]:
+    """A bench_epoch.py CSV: a 6-run stack's training step costs 100 x L/128 ms, a test batch 0.5 ms."""
+    rows = [{"attention": "softmax", "L": n, "runs": 6, "steps_per_epoch": 20, "first_epoch_s": 20.0,
+             "ms_per_step": 100 * n / 128, "ms_per_test_batch": 0.5} for n in (32, 128, 256, 512, 1024)]  # fmt: skip
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def test_the_cost_counts_recorded_epochs_and_the_most_for_the_rest(tmp_path):
+    task, setting = mad_settings()[0]  # in-context recall's baseline: L=128, 100 steps and 10 test batches an epoch
+    sweep = tmp_path / "sweep"
+    for name, record in {"counted": _record(task, setting, 1e-3, 0.0, 50),
+                         "other_attention": _record(task, setting, 1e-3, 0.1, 7, attention="parallax"),
+                         "smoke": _record(task, setting, 5e-4, 0.0, 7, profile="smoke")}.items():  # fmt: skip
+        (sweep / name).mkdir(parents=True)
+        (sweep / name / RECORD_NAME).write_text(json.dumps(record))
+    assert pack(sweep, tmp_path / "records.tar.gz") == 3
+    prices = _prices(tmp_path / "epochs.csv")
+    out = tmp_path / "cost.md"
+    assert protocol_cost.main(["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / "epochs.csv"),
+                               "--attention", "softmax", "--optimizer", "adamw", "--out", str(out)]) == 0  # fmt: skip
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 128 |")).split(" | ")
+    assert row[1:5] == ["28", "168", "1", "50"]  # settings, grid points, with a record, their epochs
+    run_epoch_s = (100 * 100.0 + 10 * 0.5) / 1e3 / 6  # a sixth of the baseline stack's epoch
+    minutes = protocol_minutes(prices) - 150 * run_epoch_s / 60  # the recorded run stopped 150 epochs early
+    assert round(minutes) != round(protocol_minutes(prices))
+    assert f"**{minutes:.0f} GPU-minutes** with the early stopping" in text
+    assert f"{protocol_minutes(prices):.0f} without early stopping" in text
+    assert "the runs with a record trained 25% of their 200 epochs" in text
+
+
+def test_prices_of_another_attention_or_another_file_are_refused(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "run").mkdir(parents=True)
+    task, setting = mad_settings()[0]
+    (sweep / "run" / RECORD_NAME).write_text(json.dumps(_record(task, setting, 1e-3, 0.0, 50)))
+    pack(sweep, tmp_path / "records.tar.gz")
+    _prices(tmp_path / "epochs.csv")
+    with pytest.raises(SystemExit, match="no row for attention 'parallax'; it prices: softmax"):
+        protocol_cost.main(["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / "epochs.csv"),
+                            "--attention", "parallax", "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")])
+    (tmp_path / "throughput.csv").write_text("attention,L,variant,run_steps_per_s\nsoftmax,128,graph,1000\n")
+    for epochs, message in [("throughput.csv", "no column.*ms_per_step.*expected bench_epoch.py's CSV"),
+                            ("records.tar.gz", "records.tar.gz: not a CSV file")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            protocol_cost.main(["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / epochs),
+                                "--attention", "softmax", "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")])
+    assert not (tmp_path / "cost.md").exists()

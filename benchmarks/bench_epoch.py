@@ -43,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks.bench_throughput import compose_cfg  # noqa: E402
+from kernels.softmax import KERNELS, softmax_attention  # noqa: E402
 
 LENGTHS = (32, 128, 256, 512, 1024)  # every sequence length of the MAD grid but 64 (timed at 32 or 128)
 RUNS = 6  # one setting's lr x weight-decay grid
@@ -58,6 +59,7 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, default=4, help="epochs per length, the first untimed (default: %(default)s)")
     p.add_argument("--eval-eager", action="store_true", help="evaluate eagerly (no captured test forward)")
     p.add_argument("--sdpa-default", action="store_true", help="PyTorch's SDPA order (flash first), not cuDNN first")
+    p.add_argument("--softmax-kernel", choices=KERNELS, default="sdpa", help="launch.softmax_kernel (kernels/softmax.py)")
     p.add_argument("--cpu-smoke", action="store_true", help="one tiny length on the CPU, eagerly (not a measurement)")
     return p.parse_args(argv)
 
@@ -69,7 +71,7 @@ def time_length(attention: str, seq_len: int, args, device: torch.device) -> dic
     from mad.run import build_model, loop_config
     from mad.stacked_train import StackedRun, StepOptions, train_stacked
 
-    cfg = compose_cfg(attention, seq_len)
+    cfg = compose_cfg(attention, seq_len, f"launch.softmax_kernel={args.softmax_kernel}")
     loop = loop_config(cfg, device)
     # Every epoch runs; no mechanism diagnostics, as in the protocol sweeps (conf/sweep/mad.yaml).
     loop.epochs, loop.early_stop_accuracy, loop.diagnostics_batch = args.epochs, 2.0, 0
@@ -111,14 +113,14 @@ def time_length(attention: str, seq_len: int, args, device: torch.device) -> dic
     }  # fmt: skip
 
 
-def captured_eval_matches_eager(attention: str, seq_len: int, device: torch.device) -> float:
+def captured_eval_matches_eager(attention: str, seq_len: int, device: torch.device, kernel: str) -> float:
     """Max |captured - eager| test logits of a fresh 2-run stack, under bf16 autocast and the loops' SDPA order."""
     from kernels.sdpa import preferred_backends
     from mad.run import build_model, loop_config
     from mad.stacked_model import StackedModel
     from mad.stacked_train import EvalFunction
 
-    cfg = compose_cfg(attention, seq_len)
+    cfg = compose_cfg(attention, seq_len, f"launch.softmax_kernel={kernel}")
     torch.manual_seed(0)
     stacked = StackedModel([build_model(cfg) for _ in range(2)]).to(device).eval()
     tokens = torch.randint(0, cfg.task.vocab_size, (2, cfg.train.batch_size, seq_len - 1), device=device)
@@ -140,14 +142,18 @@ def attention_errors(device: torch.device) -> dict[str, float]:
 
     def run(dtype, backend):
         leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
-        with sdpa_kernel([backend]):
-            out = F.scaled_dot_product_attention(*leaves, is_causal=True)
+        if backend == "fla":  # fla-core's Triton kernel takes [B, T, H, D]
+            out = softmax_attention(*(x.transpose(1, 2) for x in leaves), scale=8**-0.5, kernel="fla").transpose(1, 2)
             grads = torch.autograd.grad(out, leaves, g.to(dtype))
+        else:
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(*leaves, is_causal=True)
+                grads = torch.autograd.grad(out, leaves, g.to(dtype))
         return [x.float() for x in (out, *grads)]
 
     want = run(torch.float32, SDPBackend.MATH)
     errors = {}
-    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION), ("fla", "fla")):
         got = run(torch.bfloat16, backend)
         errors[name] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))
     return errors
@@ -186,7 +192,7 @@ def main(argv=None) -> int:
     notes = []
     if device.type == "cuda":
         notes.append(f"captured vs eager test logits (2-run stack, L=128): max |difference| = "
-                     f"{captured_eval_matches_eager(args.attention, 128, device):.2e}")  # fmt: skip
+                     f"{captured_eval_matches_eager(args.attention, 128, device, args.softmax_kernel):.2e}")  # fmt: skip
         errors = attention_errors(device)
         notes.append("bf16 SDPA vs fp32 math at B=32 H=16 L=512 D=8 (max-norm relative error of o, dq, dk, dv): "
                      + ", ".join(f"{name} {e:.2e}" for name, e in errors.items()))  # fmt: skip
@@ -206,6 +212,9 @@ def write_tables(args, device: torch.device, rows: list[dict], notes: list[str],
         variant = "eager on the CPU"
     variant += ", SDPA default order" if args.sdpa_default else ", cuDNN first"
     stem = f"epoch_{args.attention}{'_eval_eager' if args.eval_eager else ''}{'_sdpa_default' if args.sdpa_default else ''}"
+    if args.softmax_kernel != "sdpa":
+        variant += f", launch.softmax_kernel={args.softmax_kernel}"
+        stem += f"_{args.softmax_kernel}"
     with open(args.out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -61,11 +61,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compose_cfg(attention: str, seq_len: int):
+def compose_cfg(attention: str, seq_len: int, *overrides: str):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"attention={attention}", f"task.seq_len={seq_len}", "progress=false"])
+        return compose("config", overrides=[f"attention={attention}", f"task.seq_len={seq_len}", "progress=false",
+                                            *overrides])  # fmt: skip
 
 
 def make_batch(cfg, device, seed=0):

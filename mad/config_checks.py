@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.softmax import check_kernel
 from mad.optim import OPTIMIZERS
 from mad.tasks import TASKS, check_setting
 
@@ -30,6 +31,7 @@ def check_config(cfg: dict) -> None:
     _check_optimizer(cfg["optimizer"])
     _check_train(cfg["train"])
     _check_launch(cfg["launch"])
+    _check_softmax_kernel(cfg["launch"], cfg["attention"])
 
 
 def _check_task(task: dict) -> None:
@@ -90,6 +92,17 @@ def _check_launch(launch: dict) -> None:
             torch.device(device)
         except RuntimeError as e:
             raise ConfigError(f"launch.device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+
+
+def _check_softmax_kernel(launch: dict, attention: dict) -> None:
+    kernel = launch.get("softmax_kernel", "sdpa")
+    if kernel != "sdpa" and not str(attention.get("_target_", "")).endswith(".SoftmaxAttention"):
+        raise ConfigError(f"launch.softmax_kernel={kernel} applies to attention=softmax only; use the default sdpa")
+    on_cuda = str(launch["device"]) != "cpu" and torch.cuda.is_available()
+    try:
+        check_kernel(kernel, "cuda" if on_cuda else "cpu")
+    except ValueError as e:
+        raise ConfigError(f"launch.softmax_kernel={kernel}: {e}") from e
 
 
 def _positive_int(name: str, value) -> None:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from datetime import datetime, timezone
@@ -38,6 +39,9 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
     """The task's backbone around the configured mixer (the attention yaml's `_target_`) and SwiGLU."""
     task, m = cfg.task, cfg.model
     mixer = instantiate(cfg.attention)  # a partial: width -> module
+    kernel = OmegaConf.select(cfg, "launch.softmax_kernel", default="sdpa")
+    if kernel != "sdpa":  # check_config has made sure that the attention is softmax
+        mixer = functools.partial(mixer, kernel=kernel)
 
     def mlp(dim: int) -> SwiGLU:
         return SwiGLU(dim, hidden_dim=m.mlp_hidden_dim)

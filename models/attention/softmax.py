@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import torch
-from kernels.sdpa import sdpa
+from kernels.softmax import check_kernel, softmax_attention
 from torch import nn
 
 from models.rotary import Rotary
 
 
 class SoftmaxAttention(nn.Module):
-    """Causal multi-head attention through `scaled_dot_product_attention`.
+    """Causal multi-head attention, through `scaled_dot_product_attention` or fla-core's Triton kernel.
 
     Args:
         dim (int): model width; must be divisible by `num_heads`.
@@ -18,12 +18,16 @@ class SoftmaxAttention(nn.Module):
         bias (bool): biases on the q/k/v/out projections, as MAD's flash-attn MHA. Default: True.
         qk_norm (bool): per-head RMSNorm on q and k before rotary. Default: False.
         rotary_base (float): rotary base. Default: 10000.
+        kernel (str): `sdpa` or `fla` (kernels/softmax.py says when each runs). Default: `sdpa`.
     """
 
     def __init__(
-        self, dim: int, *, num_heads: int = 16, bias: bool = True, qk_norm: bool = False, rotary_base: float = 10_000.0
+        self, dim: int, *, num_heads: int = 16, bias: bool = True, qk_norm: bool = False, rotary_base: float = 10_000.0,
+        kernel: str = "sdpa",
     ) -> None:
         super().__init__()
+        check_kernel(kernel)
+        self.kernel = kernel
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by num_heads={num_heads}; pick a divisor of {dim}")
         self.num_heads = num_heads
@@ -50,7 +54,5 @@ class SoftmaxAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x)
         # The explicit scale is the float the Parallax reference passes too, so both compute identical bits.
-        out = sdpa(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.head_dim**-0.5
-        )
-        return self.out_proj(out.transpose(1, 2).flatten(-2))  # [B, H, T, D] -> [B, T, dim]
+        out = softmax_attention(q, k, v, scale=self.head_dim**-0.5, kernel=self.kernel)
+        return self.out_proj(out.flatten(-2))  # [B, T, H, D] -> [B, T, dim]

@@ -1,6 +1,6 @@
 """What the full MAD protocol costs in GPU time for one attention x optimizer, from the records its sweep wrote.
 
-    python benchmarks/protocol_cost.py --records analysis/mad/records.tar.gz \
+    python benchmarks/protocol_cost.py --records analysis/mad_linear_init_pytorch/records.tar.gz \
         --epochs analysis/throughput/epoch_softmax.csv --attention softmax --optimizer adamw \
         --out analysis/throughput/protocol_cost_softmax_adamw.md
 

@@ -4,9 +4,10 @@
   cuDNN first); any device. The default.
 - `fla`: fla-core's Triton `parallel_attn` (FlashAttention-2 style, head dims padded to 16 lanes, no autotuning);
   CUDA, or the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, slow: for tests). At MAD's 16 heads of dim 8,
-  cuDNN's kernel works on tiles 64 wide in the head dim (2.9 ms forward and backward at batch 128, L = 1024:
-  analysis/kernels/parallax_train_bench.md); whether fla's 16-lane tiles train faster is for
-  `benchmarks/bench_epoch.py --softmax-kernel fla` to measure on the GPU (not yet run).
+  cuDNN's kernel works on tiles 64 wide in the head dim, and fla's 16-lane tiles were expected to train faster at
+  L >= 512; measured in a real 6-run stack on the H200, they do not: a training step is 1.45-1.49x slower at L = 128,
+  512 and 1024 (analysis/throughput/epoch_softmax_fla.md against epoch_softmax.md). Kept as a launch option, for
+  other GPUs and head dims.
 
 Folded stacks (mad/stacked_model.py) pass the runs as a larger batch, which both kernels take as it is.
 """

@@ -1,13 +1,15 @@
-"""`python -m mad.leaderboard RUNS_DIR`: the MAD score of every architecture (attention x optimizer) in a runs folder.
+"""`python -m mad.leaderboard RUNS_DIR ...`: the MAD score of every architecture (attention x optimizer) in runs folders.
 
     python -m mad.leaderboard runs/multirun/2026-11-30          # writes analysis/2026-11-30/
     python -m mad.leaderboard runs --profile smoke --out analysis/smoke
+    python -m mad.leaderboard runs/sweeps/a runs/sweeps/b --out analysis/a_vs_b   # several folders, one board
 
 Reads every `result.json` under RUNS_DIR (never directory names) and aggregates exactly as MAD does
 (docs/mad-protocol.md section 3): per setting the best test accuracy over the lr x weight-decay runs, per task the mean
 over its settings, overall the plain mean of the six task scores, all fractions in [0, 1]. Missing settings, diverged
 runs, failed runs and files that are not run records are reported, never silently dropped. Writes leaderboard.md,
-leaderboard.csv, settings.csv, heatmap.png and muon_gap.png.
+leaderboard.csv, settings.csv, heatmap.png and muon_gap.png. Records of one attention x optimizer whose configs differ
+(e.g. two sweeps of another init) are rows of their own, and leaderboard.md sets them side by side per setting.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rich.table import Table
 
 from mad import plots
 from mad.published import comparison_lines
+from mad.variants import variant_lines
 from mad.records import GRID, canonical, load_records
 from mad.results import RECORD_NAME, STATUSES
 from mad.tasks import TASKS
@@ -63,14 +66,17 @@ class Leaderboard:
         SCORE_COLUMNS: True where a task score misses some settings or some of their lr x wd runs, and for the
         average where any task score does.
     gaps: Muon minus AdamW scores (index: attention label, columns SCORE_COLUMNS); empty if no pair exists.
+    archs: one row per architecture: attention (the name), optimizer, arch (its label in ``board`` and ``settings``)
+        and variant (the config values that set it apart from its siblings of the same attention x optimizer, or "").
     """
 
     board: pd.DataFrame
     settings: pd.DataFrame
     partial: pd.DataFrame
     gaps: pd.DataFrame
+    archs: pd.DataFrame
     shown_notes: list[str]  # the notes of ``board`` naming at most _SHOWN_NAMES settings each
-    runs_dir: Path
+    runs_dirs: list[Path]
     profile: str
     comparability: str  # one sentence: comparable with published MAD scores or not, and why
     status_counts: dict[str, int]
@@ -82,17 +88,17 @@ def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _select_profile(records: pd.DataFrame, profile: str | None, runs_dir: Path) -> tuple[pd.DataFrame, str]:
+def _select_profile(records: pd.DataFrame, profile: str | None, where: str) -> tuple[pd.DataFrame, str]:
     counts = records["profile"].value_counts()
     found = ", ".join(f"{name} ({n} records)" for name, n in counts.items())
     if profile is None and len(counts) > 1:
         raise LeaderboardError(
-            f"{runs_dir} mixes records of several profiles: {found}. Scores of different profiles are not "
+            f"{where} mixes records of several profiles: {found}. Scores of different profiles are not "
             f"comparable; pass --profile NAME (profile=NAME from Python) to pick one."
         )
     profile = counts.index[0] if profile is None else profile
     if profile not in counts:
-        raise LeaderboardError(f"no record of profile {profile!r} in {runs_dir}; profiles found: {found}")
+        raise LeaderboardError(f"no record of profile {profile!r} in {where}; profiles found: {found}")
     return records[records["profile"] == profile], profile
 
 
@@ -316,18 +322,30 @@ def _comparability(selected: pd.DataFrame, profile: str) -> str:
     return f"Comparable with published MAD scores: **no** (profile {profile}: {why})."
 
 
-def build_leaderboard(runs_dir: Path, profile: str | None = None) -> Leaderboard:
-    """Load and aggregate the records under ``runs_dir``; raises LeaderboardError (a ValueError) when impossible."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        raise LeaderboardError(f"runs directory {runs_dir} does not exist; pass the folder that holds the run folders")
-    records, ignored = load_records(runs_dir)
+def _load(runs_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The records and ignored files under every folder, each file once (folders may nest)."""
+    for runs_dir in runs_dirs:
+        if not runs_dir.is_dir():
+            raise LeaderboardError(f"runs directory {runs_dir} does not exist; pass folders that hold run folders")
+    loaded = [load_records(runs_dir) for runs_dir in runs_dirs]
+    records, ignored = (pd.concat([part[i] for part in loaded], ignore_index=True) for i in (0, 1))
+    return records.drop_duplicates("path", ignore_index=True), ignored.drop_duplicates("path", ignore_index=True)
+
+
+def build_leaderboard(runs_dirs: Path | list[Path], profile: str | None = None) -> Leaderboard:
+    """Load and aggregate the records under ``runs_dirs`` (one folder or several); raises LeaderboardError (a
+    ValueError) when impossible."""
+    runs_dirs = [Path(runs_dirs)] if isinstance(runs_dirs, (str, Path)) else [Path(d) for d in runs_dirs]
+    if not runs_dirs:
+        raise LeaderboardError("no runs directory given; pass at least one folder that holds run folders")
+    records, ignored = _load([Path(os.path.abspath(d)) for d in runs_dirs])
+    where = ", ".join(map(str, runs_dirs))
     if records.empty:
-        reasons = "; ".join(_reason_lines(ignored, runs_dir))
+        reasons = "; ".join(_reason_lines(ignored, runs_dirs))
         raise LeaderboardError(
-            f"no valid run record ({RECORD_NAME}) under {runs_dir}" + (f"; ignored {reasons}" if reasons else "")
+            f"no valid run record ({RECORD_NAME}) under {where}" + (f"; ignored {reasons}" if reasons else "")
         )
-    selected, profile = _select_profile(records, profile, runs_dir)
+    selected, profile = _select_profile(records, profile, where)
     archs = _architectures(selected)
     selected = selected.merge(archs[["attention", "optimizer", "body", "opt_config", "arch"]])
     points = _expected_points(selected, profile)
@@ -340,8 +358,9 @@ def build_leaderboard(runs_dir: Path, profile: str | None = None) -> Leaderboard
         settings=settings.rename(columns={"arch": "attention"}),
         partial=partial.reindex(pd.MultiIndex.from_frame(board[["attention", "optimizer"]])),
         gaps=_muon_gaps(board, archs),
+        archs=archs[["attention", "optimizer", "arch", "variant"]],
         shown_notes=board["shown_notes"].tolist(),
-        runs_dir=runs_dir,
+        runs_dirs=runs_dirs,
         profile=profile,
         comparability=_comparability(selected, profile),
         status_counts=selected["status"].value_counts().reindex(list(STATUSES), fill_value=0).to_dict(),
@@ -350,11 +369,12 @@ def build_leaderboard(runs_dir: Path, profile: str | None = None) -> Leaderboard
     )
 
 
-def _reason_lines(ignored: pd.DataFrame, runs_dir: Path) -> list[str]:
-    """One line per reason: count, reason and a few example paths (relative to the runs dir)."""
+def _reason_lines(ignored: pd.DataFrame, runs_dirs: list[Path]) -> list[str]:
+    """One line per reason: count, reason and a few example paths (relative to the runs dirs' common folder)."""
+    base = os.path.commonpath([os.path.abspath(d) for d in runs_dirs])
     lines = []
     for reason, group in ignored.groupby("reason"):
-        examples = [os.path.relpath(p, runs_dir) for p in group["path"].head(_EXAMPLE_PATHS)]
+        examples = [os.path.relpath(p, base) for p in group["path"].head(_EXAMPLE_PATHS)]
         more = ", ..." if len(group) > len(examples) else ""
         lines.append(f"{len(group)} x {reason} (e.g. {', '.join(examples)}{more})")
     return lines
@@ -383,8 +403,9 @@ def _record_line(lb: Leaderboard) -> str:
 
 def _markdown(lb: Leaderboard, plot_note: str) -> str:
     lines = [
-        f"# MAD leaderboard: {lb.runs_dir.resolve().name}", "",
-        f"- profile: `{lb.profile}`", f"- {lb.comparability}", f"- source: `{lb.runs_dir}`", f"- {_record_line(lb)}",
+        f"# MAD leaderboard: {_name(lb.runs_dirs)}", "",
+        f"- profile: `{lb.profile}`", f"- {lb.comparability}",
+        "- source: " + ", ".join(f"`{d}`" for d in lb.runs_dirs), f"- {_record_line(lb)}",
         "- score: per setting the best test accuracy (MAD macro accuracy) over the lr x weight-decay runs; task = mean"
         " over its settings; average = plain mean of the six tasks; fractions in [0, 1].", "",
         "| attention | optimizer | " + " | ".join(SCORE_COLUMNS) + " |", "|---|---|" + "---:|" * len(SCORE_COLUMNS),
@@ -402,8 +423,11 @@ def _markdown(lb: Leaderboard, plot_note: str) -> str:
         lines += ["", "## Against the published Transformer", "",
                   "MAD's Transformer baseline as published (docs/mad-protocol.md section 4; both trained with AdamW):", "",
                   *published]  # fmt: skip
+    variants = variant_lines(lb.settings, lb.archs)
+    if variants:
+        lines += ["", "## Config variants side by side", "", *variants]
     if len(lb.ignored):
-        lines += ["", "## Ignored files", ""] + [f"- {line}" for line in _reason_lines(lb.ignored, lb.runs_dir)]
+        lines += ["", "## Ignored files", ""] + [f"- {line}" for line in _reason_lines(lb.ignored, lb.runs_dirs)]
     return "\n".join([*lines, "", "## Plots", "", f"- {plot_note}", ""])
 
 
@@ -428,7 +452,7 @@ def write_outputs(lb: Leaderboard, out_dir: Path) -> tuple[list[Path], str]:
 
 def print_leaderboard(lb: Leaderboard, written: list[Path], plot_note: str, console: Console) -> None:
     """The table (best per column in bold green), then the notes, the ignored files and where the outputs went."""
-    title = escape(f"MAD leaderboard: {lb.runs_dir.resolve().name} (profile {lb.profile})")
+    title = escape(f"MAD leaderboard: {_name(lb.runs_dirs)} (profile {lb.profile})")
     caption = ", ".join(f"{short}: {name}" for name, short in _SHORT.items())
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
     table.add_column("attention", no_wrap=True)
@@ -444,30 +468,36 @@ def print_leaderboard(lb: Leaderboard, written: list[Path], plot_note: str, cons
     for row, note in zip(lb.board.itertuples(), lb.shown_notes):
         if note:
             console.print(f"[yellow]{escape(row.attention)} + {escape(row.optimizer)}:[/yellow] {escape(note)}")
-    for line in _reason_lines(lb.ignored, lb.runs_dir):
+    for line in _reason_lines(lb.ignored, lb.runs_dirs):
         console.print(f"[yellow]ignored:[/yellow] {escape(line)}")
     console.print(escape(f"plots: {plot_note}"))
     console.print("wrote " + ", ".join(escape(str(path)) for path in written))
 
 
+def _name(runs_dirs: list[Path]) -> str:
+    """The folders' names joined by `+`: the board's title and default output folder."""
+    return "+".join(Path(os.path.abspath(d)).name for d in runs_dirs)
+
+
 def make_leaderboard(
-    runs_dir: Path, out_dir: Path | None = None, profile: str | None = None, console: Console | None = None
+    runs_dirs: Path | list[Path], out_dir: Path | None = None, profile: str | None = None,
+    console: Console | None = None,
 ) -> pd.DataFrame:
-    """Aggregate the run records under ``runs_dir``, write every output to ``out_dir`` and print the leaderboard.
+    """Aggregate the run records under ``runs_dirs``, write every output to ``out_dir`` and print the leaderboard.
 
     Args:
-        runs_dir (Path): searched recursively for ``result.json`` records.
-        out_dir (Path, Optional): where outputs go. Default: ``analysis/<name of runs_dir>`` under the current dir.
+        runs_dirs (Path or list of Path): searched recursively for ``result.json`` records.
+        out_dir (Path, Optional): where outputs go. Default: ``analysis/<names of runs_dirs joined by +>`` under the
+            current dir.
         profile (str, Optional): keep only records of this profile; required when several profiles are present.
         console (rich.console.Console, Optional): where the table is printed. Default: a new stdout console.
 
     Returns the leaderboard table: one row per architecture, columns attention, optimizer, the six tasks, average
     (NaN when a task has no score), settings_scored, settings_expected, runs_ok/diverged/failed and notes.
-    Raises LeaderboardError (a ValueError) when runs_dir is missing, holds no valid record or mixes profiles.
+    Raises LeaderboardError (a ValueError) when a folder is missing, none holds a valid record or they mix profiles.
     """
-    runs_dir = Path(runs_dir)
-    out_dir = Path(out_dir) if out_dir is not None else Path("analysis") / runs_dir.resolve().name
-    lb = build_leaderboard(runs_dir, profile)
+    lb = build_leaderboard(runs_dirs, profile)
+    out_dir = Path(out_dir) if out_dir is not None else Path("analysis") / _name(lb.runs_dirs)
     written, plot_note = write_outputs(lb, out_dir)
     print_leaderboard(lb, written, plot_note, console or Console())
     return lb.board
@@ -475,12 +505,13 @@ def make_leaderboard(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mad.leaderboard", description=__doc__.splitlines()[0])
-    parser.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", help="folder searched recursively for result.json")
-    parser.add_argument("--out", type=Path, help="output folder (default: analysis/<name of RUNS_DIR>)")
+    parser.add_argument("runs_dirs", type=Path, nargs="+", metavar="RUNS_DIR",
+                        help="folders searched recursively for result.json")  # fmt: skip
+    parser.add_argument("--out", type=Path, help="output folder (default: analysis/<names of RUNS_DIR joined by +>)")
     parser.add_argument("--profile", help="use only records of this profile (e.g. full, smoke)")
     args = parser.parse_args(argv)
     try:
-        make_leaderboard(args.runs_dir, args.out, args.profile)
+        make_leaderboard(args.runs_dirs, args.out, args.profile)
     except LeaderboardError as e:
         Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}")
         return 2

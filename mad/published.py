@@ -6,6 +6,8 @@ The numbers are docs/mad-protocol.md section 4's (tables a and e), in [0, 1], si
 - an independent re-run of the mad-lab code with 4 layers of width 128 (github.com/HassanJbara/lin-attn-bench, branch
   `mad`): average 0.764. Its Transformer's attention is not MAD's: fla's `Attention` with 2 heads of dim 64 and a
   128-token sliding window (its evals/mad/mad_eval_transformer.py), where MAD's (and ours) has 16 heads of dim 8.
+  Its branch (first commit Aug 2025) imports a mad-lab clone it does not pin; mad-lab's main has kept PyTorch's
+  Linear init since Dec 2024, so its language models most likely trained under that init.
 
 `TRANSFORMER_SETUPS` says how each published Transformer differs from ours, and the leaderboard prints it under the
 table, so that a gap is read with its cause in view.
@@ -34,9 +36,10 @@ PUBLISHED_TRANSFORMER: dict[str, dict[str, float]] = {
 }  # fmt: skip
 TRANSFORMER_SETUPS: dict[str, str] = {
     "MAD paper (Poli et al. 2024)": "the architecture ours follows (4 layers of width 128, attention with 16 heads "
-    "of dim 8), but from the paper-era code, which drew every Linear weight from N(0, 0.02) "
-    "(ours: `model.linear_init=pytorch`, mad-lab's code now; docs/mad-protocol.md 2.1)",
-    "independent re-run (lin-attn-bench)": "mad-lab's training loop and released data, but its attention is fla's "
+    "of dim 8), from the paper-era code, which drew every Linear weight from N(0, 0.02), as ours does by default "
+    "(`model.linear_init=normal`; mad-lab's code keeps PyTorch's init since Dec 2024; docs/mad-protocol.md 2.1)",
+    "independent re-run (lin-attn-bench)": "mad-lab's training loop and released data, cloned after mad-lab's Dec "
+    "2024 init change (so PyTorch's Linear init, our `model.linear_init=pytorch`), and its attention is fla's "
     "`Attention` with 2 heads of dim 64 and a 128-token sliding window, not 16 heads of dim 8",
 }
 COLUMNS = [*TASKS, "average"]

@@ -13,8 +13,9 @@ from mad.config_checks import ConfigError
 from mad.results import RECORD_NAME, read_record
 
 FINISHED = ("ok", "diverged")
-# Config keys that change how a run is launched or displayed, never what it computes.
-LAUNCH_ONLY_KEYS = ("launch", "progress", "dry_run", "force", "data_cache")
+# Config keys that change how a run is launched, stored or displayed, never what it computes (`sweep`: a preset's
+# folder name and whether it prints a leaderboard).
+LAUNCH_ONLY_KEYS = ("launch", "progress", "dry_run", "force", "data_cache", "sweep")
 
 
 def run_identity(config: dict) -> dict:

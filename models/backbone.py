@@ -56,9 +56,9 @@ class LanguageModel(nn.Module):
         dim (int): width. num_layers (int): residual blocks (mixer, MLP, mixer, MLP, ...).
         mixer, mlp (Callable[[int], Module]): build a layer of the given width.
         norm_eps (float): RMSNorm epsilon. Default: 1e-5.
-        linear_init (str): `pytorch` keeps PyTorch's Linear init (mad-lab HEAD); `normal` re-draws every Linear
-            weight from N(0, 0.02) (the paper-era code). Biases are zeroed and embeddings drawn from N(0, 0.02) in
-            both cases.
+        linear_init (str): `normal` re-draws every Linear weight from N(0, 0.02), as the code behind the MAD paper's
+            numbers; `pytorch` keeps PyTorch's Linear init, as mad-lab's code since Dec 2024. Biases are zeroed and
+            embeddings drawn from N(0, 0.02) in both cases. Default: `normal`.
     """
 
     def __init__(
@@ -70,7 +70,7 @@ class LanguageModel(nn.Module):
         mixer: LayerFactory,
         mlp: LayerFactory,
         norm_eps: float = 1e-5,
-        linear_init: str = "pytorch",
+        linear_init: str = "normal",
     ) -> None:
         super().__init__()
         self.stack = ResidualStack(vocab_size, dim=dim, num_layers=num_layers, mixer=mixer, mlp=mlp, norm_eps=norm_eps)

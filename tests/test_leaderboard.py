@@ -244,6 +244,42 @@ def test_architecture_variants_get_separate_labels(runs, tmp_path):
     assert sorted(again["attention"]) == labels
 
 
+def test_two_sweeps_of_config_variants_are_set_side_by_side_per_setting(tmp_path):
+    """Two folders (one sweep per init) make one board: a row per variant, and a table of every setting both scored,
+    with the difference; a setting only one variant has is left out of that table, and a file is read once even when
+    the folders nest."""
+    normal, pytorch = Runs(tmp_path / "sweeps" / "normal"), Runs(tmp_path / "sweeps" / "pytorch")
+    model = {"dim": 128, "num_layers": 4}
+    for change, acc_normal, acc_pytorch in [({"vocab_size": 64}, 0.999, 0.111), ({"vocab_size": 32}, 0.5, 0.625)]:
+        normal.add(change=change, accuracy=acc_normal, model={**model, "linear_init": "normal"})
+        pytorch.add(change=change, accuracy=acc_pytorch, model={**model, "linear_init": "pytorch"})
+    pytorch.add(change={"vocab_size": 128}, accuracy=0.075, model={**model, "linear_init": "pytorch"})
+    out = io.StringIO()
+    board = make_leaderboard([normal.root, pytorch.root, tmp_path / "sweeps"], tmp_path / "out",
+                             console=Console(file=out, width=250))  # fmt: skip
+    assert int(board[["runs_ok"]].sum().iloc[0]) == 5  # the parent folder adds no second copy
+    labels = {note.split("; ")[-1]: label for label, note in zip(board["attention"], board["notes"])}
+    a, b = sorted(labels.values())
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    side = md.split("## Config variants side by side")[1].split("\n## ")[0]
+    first_is_normal = labels["config variant: model.linear_init=normal"] == a
+    sign = 1 if first_is_normal else -1  # the difference is the second label minus the first
+    assert f"| in_context_recall | vocab_size=64 | {'0.999' if first_is_normal else '0.111'} |" in side
+    assert f"{sign * (0.111 - 0.999):+.3f} |" in side and f"{sign * (0.625 - 0.5):+.3f} |" in side
+    assert "vocab_size=128" not in side and "2 settings scored by at least two variants" in side
+    assert f"- `{a}`: config variant: model.linear_init=" in side
+    assert "# MAD leaderboard: normal+pytorch+sweeps" in md
+    with pytest.raises(LeaderboardError, match="does not exist"):
+        make_leaderboard([normal.root, tmp_path / "absent"], tmp_path / "out", console=Console(file=io.StringIO()))
+
+
+def test_a_board_without_variants_has_no_side_by_side_table(runs, tmp_path):
+    runs.add(attention="parallax", accuracy=0.6)
+    runs.add(attention="softmax", accuracy=0.5)
+    leaderboard(runs, tmp_path)
+    assert "side by side" not in (tmp_path / "out" / "leaderboard.md").read_text()
+
+
 def test_outputs_and_muon_gap(runs, tmp_path):
     for optimizer, acc in [("adamw", 0.5), ("muon", 0.75)]:
         runs.add(attention="parallax", optimizer=optimizer, accuracy=acc)

@@ -100,8 +100,10 @@ def test_stacked_model_forward_and_select_match_each_module(overrides):
 @pytest.mark.parametrize("attention,optimizer", [("parallax", "adamw"), ("softmax", "muon"),
                                                  ("parallax_gated", "adamw")])  # fmt: skip
 def test_stacked_runs_give_the_records_of_alone_runs(attention, optimizer):
+    # The early-stopping threshold below splits this grid's runs under PyTorch's Linear init (the equivalence does
+    # not depend on the init).
     cfg = compose_cfg(f"attention={attention}", f"optimizer={optimizer}", "task.num_train_examples=256",
-                      "task.num_test_examples=128")  # fmt: skip
+                      "task.num_test_examples=128", "model.linear_init=pytorch")  # fmt: skip
     resolved = OmegaConf.to_container(cfg, resolve=True)
     setting = task_setting(resolved["task"])
     # The lr x wd grid on one seed, and (once: the data path is the same for every model) one more run on another
@@ -129,7 +131,9 @@ def test_stacked_runs_give_the_records_of_alone_runs(attention, optimizer):
     runs = [StackedRun(fresh_model(seed), dict(resolved["optimizer"], lr=lr, weight_decay=wd), *splits[seed], seed=seed)
             for lr, wd, seed in runs_spec]  # fmt: skip
     stacked = [outcome.result for outcome in train_stacked(runs, schedule, loop)]
-    assert sorted({len(r.epochs) for r in alone}) != [3], "the grid should stop some runs early (test setup)"
+    epochs = [len(r.epochs) for r in alone]
+    shrinks_to_two = len(set(epochs)) > 1 and sum(e > min(epochs) for e in epochs) >= 2
+    assert shrinks_to_two, f"test setup: the stack should shrink mid-training to 2 or more runs; epochs {epochs}"
     for a, b in zip(alone, stacked):
         assert (a.status, a.steps, a.early_stopped, len(a.epochs)) == (b.status, b.steps, b.early_stopped, len(b.epochs))
         assert a.best_epoch().epoch == b.best_epoch().epoch

@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 
 from mad.devices import try_lease
 from mad.setting_configs import CONF_DIR, expected_files
-from tests.conftest import REPO, records_under
+from tests.conftest import REPO, records_under, run_cli
 
 TINY = ["profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
         "task.seq_len=16", "train.epochs=1"]  # fmt: skip
@@ -72,6 +74,24 @@ def test_a_finished_record_of_another_config_is_never_overwritten(cli, tmp_path)
     proc = cli([*TINY, "attention=parallax", "hydra.run.dir=run"])
     assert proc.returncode != 0 and "already holds a finished run of a different config" in proc.stderr
     assert (tmp_path / "run" / "result.json").read_text() == before
+
+
+def test_a_finished_record_resumes_under_another_sweep_name_but_not_another_model(tmp_path):
+    """A preset's folder name (`sweep.name`) and launch settings change nothing a run computes: its finished record
+    is found from a sweep of another name, so records carried between folders are never retrained."""
+    from mad.config_checks import ConfigError
+    from mad.resume import finished_record
+
+    proc = run_cli([*TINY, "+sweep.name=first", "hydra.run.dir=run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (record,) = records_under(tmp_path / "run")
+    config = json.loads(json.dumps(record["config"]))
+    config["sweep"] = {"name": "second", "leaderboard": True}
+    config["launch"] = {**config.get("launch", {}), "softmax_kernel": "fla"}
+    assert finished_record(tmp_path / "run", config, force=False)["finished_at"] == record["finished_at"]
+    config["model"]["linear_init"] = "pytorch" if config["model"]["linear_init"] == "normal" else "normal"
+    with pytest.raises(ConfigError, match="differs in model.linear_init"):
+        finished_record(tmp_path / "run", config, force=False)
 
 
 def test_resume_after_kill_9_redoes_only_unfinished_runs(tmp_path):

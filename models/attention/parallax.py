@@ -52,8 +52,8 @@ class ParallaxAttention(SoftmaxAttention):
             sigmoid's steepest point, and where weight decay pulls the logits back to. Not for `probe="zero"`.
             Default: `none`.
         ridge (float): lambda >= 0 for `solved`/`cg`, on the scale of the normalised weights (squared key-query
-            distances). The default 1e-2 is about 1-2 % of the per-direction variance of k - q at PyTorch's init
-            (components of variance ~2/3; ~10 % under the backbone's `linear_init=normal`), so it mostly damps
+            distances). The default 1e-2 is about 10 % of the per-direction variance of k - q under the backbone's
+            default `linear_init=normal` (1-2 % under `pytorch`, components of variance ~2/3), so it mostly damps
             directions the visible keys barely span, and it bounds the amplification by 1 + |mu_i - q_i|^2 / lambda.
             Default: 1e-2.
         cg_steps (int): CG iterations >= 1 for `cg`; head_dim steps solve the system exactly. Default: 8.

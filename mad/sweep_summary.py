@@ -1,12 +1,14 @@
 """A Hydra callback that ends every multirun with what happened to its runs (and, for presets, the leaderboard).
 
-Jobs of this launch are the job directories whose Hydra config was written after the launch started; a record
-older than the launch was finished before it (the job was skipped, or in a dry run: is done).
+Jobs of this launch are the job directories whose Hydra config (`.hydra/config.yaml`, written by Hydra as each job
+starts) was written or rewritten since the launch started; a job ran now if its record was written since then (a
+record is written by replacing the file, so a new record is a new file), else its record was finished before the
+launch (the job was skipped, or in a dry run: is done). Files are told apart by inode and modification time in
+nanoseconds, never by comparing times with the clock, so a relaunch right after a sweep is counted right.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,32 +19,48 @@ from rich.console import Console
 from mad.resume import FINISHED
 from mad.results import RECORD_NAME, read_record
 
-
-def job_dirs(sweep_dir: Path, since: float) -> list[Path]:
-    """Job directories (those holding `.hydra/config.yaml`) written at or after `since` (epoch seconds)."""
-    configs = Path(sweep_dir).rglob(".hydra/config.yaml")
-    return sorted(p.parent.parent for p in configs if p.stat().st_mtime >= since)
+JOB_CONFIG = ".hydra/config.yaml"
 
 
-def classify(job_dir: Path, since: float, dry_run: bool) -> str:
+def file_states(sweep_dir: Path) -> dict[Path, tuple[int, int]]:
+    """(inode, modification time in ns) of every job config and record under `sweep_dir`."""
+    states = {}
+    for path in [*Path(sweep_dir).rglob(JOB_CONFIG), *Path(sweep_dir).rglob(RECORD_NAME)]:
+        stat = path.stat()
+        states[path] = (stat.st_ino, stat.st_mtime_ns)
+    return states
+
+
+def written_since(before: dict[Path, tuple[int, int]], sweep_dir: Path) -> set[Path]:
+    """The job configs and records under `sweep_dir` that are new or rewritten since `before` (file_states)."""
+    return {p for p, state in file_states(sweep_dir).items() if before.get(p) != state}
+
+
+def job_dirs(written: set[Path]) -> list[Path]:
+    """The job directories whose Hydra config is among `written`."""
+    return sorted(p.parent.parent for p in written if p.match(JOB_CONFIG))
+
+
+def classify(job_dir: Path, written: set[Path], dry_run: bool) -> str:
     path = job_dir / RECORD_NAME
     try:
         record = read_record(path)
     except ValueError:
         return "to run" if dry_run else "no record (not started, killed or crashed)"
-    if path.stat().st_mtime < since:
-        return "already finished" if record["status"] in FINISHED else ("to run" if dry_run else "stale record")
-    return f"ran now: {record['status']}"
+    if path in written:
+        return f"ran now: {record['status']}"
+    return "already finished" if record["status"] in FINISHED else ("to run" if dry_run else "stale record")
 
 
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.started = time.time() - 1.0  # file mtimes can lag the clock by less than a second
+        self.before = file_states(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         dry_run = bool(OmegaConf.select(config, "dry_run", default=False))
-        counts = Counter(classify(d, self.started, dry_run) for d in job_dirs(sweep_dir, self.started))
+        written = written_since(self.before, sweep_dir)
+        counts = Counter(classify(d, written, dry_run) for d in job_dirs(written))
         parts = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
         console = Console(soft_wrap=True)
         console.print(f"[bold]sweep {sweep_dir}[/bold]: {sum(counts.values())} runs: {parts or 'none'}")

@@ -1,11 +1,12 @@
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests import forked_python
+from tests.forked_python import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,15 +17,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def run_cli(args: list[str], cwd: Path, module: str = "mad.run", timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m <module> <args>` from `cwd` (so runs/ and the data cache land there)."""
-    env = os.environ | {"PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "2"}
-    env.pop("MAD_DATA_CACHE", None)
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
 def records_under(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("result.json"))]
 
@@ -32,3 +24,12 @@ def records_under(root: Path) -> list[dict]:
 @pytest.fixture
 def cli(tmp_path):
     return lambda args, **kw: run_cli(args, tmp_path, **kw)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fork_servers(tmp_path_factory):
+    """The fork servers of run_cli and run_script (tests/forked_python.py) keep their files under pytest's basetemp
+    and are closed at the end of the session."""
+    forked_python.TEMP_ROOT = tmp_path_factory.mktemp("fork-servers")
+    yield
+    forked_python.close_all()

@@ -23,7 +23,7 @@ def model_for(run_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def softmax_run(tmp_path_factory):
-    from tests.conftest import run_cli
+    from tests.forked_python import run_cli
 
     root = tmp_path_factory.mktemp("softmax")
     proc = run_cli([*TINY, "hydra.run.dir=run"], root)

@@ -17,7 +17,8 @@ from models.attention.sliding_window import SlidingWindowAttention
 from models.attention.softmax import SoftmaxAttention
 from models.backbone import LanguageModel
 from models.mlp import SwiGLU
-from tests.conftest import records_under
+from tests.conftest import REPO, records_under
+from tests.forked_python import run_script
 
 DIM, HEADS = 32, 4
 
@@ -225,14 +226,8 @@ def test_diagnostics_on_and_off_train_bit_identically(cli, tmp_path):
 
 def test_diagnostics_profile_script_runs_on_cpu(tmp_path):
     """benchmarks/profile_diagnostics.py, which times the diagnostics on the GPU, runs end to end (CPU: a script test)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "benchmarks/profile_diagnostics.py", "--attentions", "parallax", "--seq-len",
-                           "16", "--batch", "4", "--top", "3", "--out", str(tmp_path)], cwd=repo, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = run_script("benchmarks/profile_diagnostics.py", ["--attentions", "parallax", "--seq-len", "16", "--batch",
+                                                            "4", "--top", "3", "--out", tmp_path], cwd=REPO)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "diagnostics_profile.md").read_text()
     assert "## parallax:" in report and "not a measurement" in report and "aten::" in report

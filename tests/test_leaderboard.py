@@ -14,7 +14,7 @@ from mad.records import load_records
 from mad.results import RECORD_NAME
 from mad.tasks import TASKS
 from mad.tasks.grid import BASELINES, NUM_TEST_EXAMPLES, mad_settings
-from tests.conftest import run_cli
+from tests.forked_python import run_cli
 
 LRS = (1e-4, 5e-4, 1e-3)
 WDS = (0.0, 0.1)

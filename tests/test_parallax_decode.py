@@ -413,7 +413,9 @@ SCRIPTS = ["benchmarks/check_parallax_decode.py", "benchmarks/bench_parallax_dec
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_gpu_script_help(script):
-    proc = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, timeout=60)
+    from tests.forked_python import run_script  # not at import: this file also runs as a script
+
+    proc = run_script(REPO / script, ["--help"], timeout=60)
     assert proc.returncode == 0 and "--cpu-smoke" in proc.stdout and "--out" in proc.stdout, proc.stderr
 
 

@@ -17,6 +17,7 @@ import kernels.parallax as parallax_pkg
 from kernels.parallax import parallax_attention
 from kernels.parallax.reference import parallax_attention as reference_attention
 from kernels.testing import nan_filled_empty
+from tests.forked_python import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = "kernels.parallax.triton"
@@ -213,7 +214,7 @@ def _script(*args: str, interpret: bool = False, timeout: int = 300) -> subproce
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_script(args[0], args[1:], cwd=REPO, env=env, timeout=timeout)
 
 
 @pytest.mark.parametrize("script", ["benchmarks/check_parallax_triton.py", "benchmarks/bench_parallax_train.py",

@@ -20,7 +20,7 @@ from mad.stack_checkpoint import CHECKPOINT_NAME, StackCheckpoints
 from mad.stacked_train import StackedRun, train_stacked
 from mad.train import LoopConfig
 from tests.conftest import REPO, records_under
-from tests.test_stacked_training import GRID, compose_cfg
+from tests.test_stacked_training import GRID, SMALL_MODEL, compose_cfg
 
 
 class Interrupted(Exception):
@@ -30,8 +30,9 @@ class Interrupted(Exception):
 def _group(optimizer: str, epochs: int = 4):
     """A factory of fresh runs (the lr x wd grid, each on its own seed: its own weights, data and order), and what
     train_stacked needs beside them."""
+    # Half the smoke width at L=32 (Muon's bf16 orthogonalisation of the smoke width's matrices is slow on the CPU).
     cfg = compose_cfg("attention=softmax", f"optimizer={optimizer}", "task.num_train_examples=128",
-                      "task.num_test_examples=64")  # fmt: skip
+                      "task.num_test_examples=64", *SMALL_MODEL, "task.seq_len=32")  # fmt: skip
     resolved = OmegaConf.to_container(cfg, resolve=True)
     seeds = [cfg.seed + i for i in range(len(GRID))]
     splits = {seed: [load_split(cfg.task.name, s, n, seed, task_setting(resolved["task"]), None)
@@ -139,9 +140,10 @@ def test_a_stack_starts_over_unless_every_run_has_a_checkpoint_of_its_config_at_
 
 
 def test_the_launcher_resumes_a_stack_killed_mid_training_from_its_checkpoints(cli, tmp_path):
+    # Checkpoints after every epoch: the sweep is killed once epoch 1's are written, 9 epochs before it would end.
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = ["-m", "profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
-            "task.seq_len=16", "train.epochs=30", "train.early_stop_accuracy=1", "attention=softmax",
+            "task.seq_len=16", "train.epochs=10", "train.early_stop_accuracy=1", "attention=softmax",
             "optimizer.lr=1e-3,5e-3", "hydra/launcher=stacked", "hydra.sweep.dir=sweep",
             "hydra.launcher.checkpoint_every_s=1e-9"]  # fmt: skip
     sweep = subprocess.Popen([sys.executable, "-m", "mad.run", *args], cwd=tmp_path, env=env,
@@ -157,7 +159,7 @@ def test_the_launcher_resumes_a_stack_killed_mid_training_from_its_checkpoints(c
     assert again.returncode == 0, again.stderr
     assert "stack of 2 runs resumes after epoch" in again.stdout, again.stdout
     records = records_under(tmp_path / "sweep")
-    assert len(records) == 2 and all(r["epochs_run"] == 30 and r["status"] == "ok" for r in records)
+    assert len(records) == 2 and all(r["epochs_run"] == 10 and r["status"] == "ok" for r in records)
     assert not list((tmp_path / "sweep").rglob(CHECKPOINT_NAME)), "finished runs keep no checkpoint"
     bad = cli([*args[:-1], "hydra.launcher.checkpoint_every_s=-1", "hydra.sweep.dir=sweep2"])
     assert bad.returncode == 2 and "checkpoint_every_s must be >= 0 seconds" in bad.stderr

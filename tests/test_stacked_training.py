@@ -33,8 +33,10 @@ from mad.stacked_train import (
 from mad.stacked_train import build_optimizers as stacked_optimizers
 from mad.train import LoopConfig, train
 from tests.conftest import REPO, records_under
+from tests.forked_python import run_cli, run_script
 
 GRID = [(1e-4, 0.0), (5e-3, 0.1), (2e-2, 0.0)]  # (lr, weight decay): slow, middling, fast learners
+SMALL_MODEL = ["model.dim=64", "model.mlp_hidden_dim=176", "attention.num_heads=8"]  # MAD's head dim 8, half the width
 
 
 def compose_cfg(*overrides):
@@ -100,10 +102,12 @@ def test_stacked_model_forward_and_select_match_each_module(overrides):
 @pytest.mark.parametrize("attention,optimizer", [("parallax", "adamw"), ("softmax", "muon"),
                                                  ("parallax_gated", "adamw")])  # fmt: skip
 def test_stacked_runs_give_the_records_of_alone_runs(attention, optimizer):
+    # Half the smoke width (heads of dim 8 as MAD's) at L=24: every layer kind of the model, a fifth of the cost.
     # The early-stopping threshold below splits this grid's runs under PyTorch's Linear init (the equivalence does
     # not depend on the init).
     cfg = compose_cfg(f"attention={attention}", f"optimizer={optimizer}", "task.num_train_examples=256",
-                      "task.num_test_examples=128", "model.linear_init=pytorch")  # fmt: skip
+                      "task.num_test_examples=128", *SMALL_MODEL, "task.seq_len=24",
+                      "model.linear_init=pytorch")  # fmt: skip
     resolved = OmegaConf.to_container(cfg, resolve=True)
     setting = task_setting(resolved["task"])
     # The lr x wd grid on one seed, and (once: the data path is the same for every model) one more run on another
@@ -113,7 +117,8 @@ def test_stacked_runs_give_the_records_of_alone_runs(attention, optimizer):
         runs_spec.append((GRID[1][0], GRID[1][1], cfg.seed + 1))
     splits = {seed: [load_split(cfg.task.name, s, n, seed, setting, None) for s, n in (("train", 256), ("test", 128))]
               for seed in (cfg.seed, cfg.seed + 1)}  # fmt: skip
-    # Early stopping between the learners' accuracies after epoch 2, so that the stack shrinks mid-training.
+    # Early stopping between the learners' accuracies after epoch 2, so that the stack shrinks mid-training (to two
+    # or more runs in each case, so that the runs left must keep their own optimizer state and order).
     loop = LoopConfig(epochs=3, batch_size=64, early_stop_accuracy=0.2, seed=cfg.seed, device=torch.device("cpu"),
                       autocast_dtype=None, progress=False, diagnostics_batch=8)  # fmt: skip
     schedule = resolved["train"]["schedule"]
@@ -242,7 +247,7 @@ def test_a_stack_stopped_midway_keeps_the_runs_that_had_finished(tmp_path):
     sweep.wait()
     (record,) = records_under(tmp_path / "sweep")
     assert (record["lr"], record["status"], record["stacked_runs"]) == (1e30, "diverged", 2)
-    dry = subprocess.run([*args, "dry_run=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    dry = run_cli([*args[3:], "dry_run=true"], tmp_path)
     assert dry.stdout.count("done: ") == dry.stdout.count("to run: ") == 1, dry.stdout + dry.stderr
 
 
@@ -472,12 +477,8 @@ def test_no_group_starts_after_start_until(cli, tmp_path, devices):
 
 
 def test_throughput_benchmark_cpu_smoke(tmp_path):
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "benchmarks/bench_throughput.py", "--cpu-smoke", "--steps", "1",
-                           "--attentions", "softmax", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = run_script("benchmarks/bench_throughput.py", ["--cpu-smoke", "--steps", "1", "--attentions", "softmax",
+                                                         "--out", tmp_path], cwd=REPO)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "throughput.md").read_text()
     assert "| softmax | 16 | stacked | 6 |" in table and "5,384,400" in table and "not a measurement" in table
@@ -486,20 +487,15 @@ def test_throughput_benchmark_cpu_smoke(tmp_path):
 def test_epoch_benchmark_cpu_smoke(tmp_path):
     both = ["--eval-eager", "--sdpa-default"]
     for switches, stem in (([], "epoch_softmax"), (both, "epoch_softmax_eval_eager_sdpa_default")):
-        proc = subprocess.run([sys.executable, "benchmarks/bench_epoch.py", "--cpu-smoke", *switches, "--out",
-                               str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = run_script("benchmarks/bench_epoch.py", ["--cpu-smoke", *switches, "--out", tmp_path], cwd=REPO)
         assert proc.returncode == 0, proc.stderr
         table = (tmp_path / f"{stem}.md").read_text()
         assert "| 16 |" in table and "GPU-minutes** for softmax" in table and "not a measurement" in table
 
 
 def test_step_profile_script_runs_on_cpu(tmp_path):
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--seq-len", "16", "--runs", "2", "--top", "3",
-                           "--attentions", "softmax", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = run_script("benchmarks/profile_step.py", ["--seq-len", "16", "--runs", "2", "--top", "3", "--attentions",
+                                                     "softmax", "--out", tmp_path], cwd=REPO)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "step_profile_L16.md").read_text()
     assert "## softmax, one run:" in table and "## softmax, stack of 2:" in table and "not a measurement" in table
@@ -595,7 +591,9 @@ def test_compiled_step_survives_the_stack_shrinking():
     """After finished runs leave the stack, a `torch.compile`d forward (traced by dynamo and AOTAutograd, as on the
     GPU; the aot_eager backend skips only inductor's code generation) gives the eager step's losses. Stale gradients
     of the old stack size once broke the retrace."""
-    cfg = compose_cfg("attention=parallax", "task.seq_len=16", "train.batch_size=4")
+    # A two-layer model of width 16 (heads of dim 8): AOTAutograd traces every layer, so its size sets the compile time.
+    cfg = compose_cfg("attention=parallax", "task.seq_len=16", "train.batch_size=4", "model.dim=16",
+                      "model.mlp_hidden_dim=48", "model.num_layers=2", "attention.num_heads=2")  # fmt: skip
     loop = loop_config(cfg, torch.device("cpu"))
     tokens = torch.randint(0, 16, (3, 4, 15), generator=torch.Generator().manual_seed(0))  # [runs, b, T]
     losses = []

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-
 from mad.devices import try_lease
 from mad.setting_configs import CONF_DIR, expected_files
-from tests.conftest import REPO, records_under, run_cli
+from tests.conftest import REPO, records_under
+from tests.forked_python import run_cli
 
 TINY = ["profile=smoke", "progress=false", "task.num_train_examples=64", "task.num_test_examples=64",
         "task.seq_len=16", "train.epochs=1"]  # fmt: skip
@@ -68,6 +68,30 @@ def test_relaunch_skips_finished_runs_and_force_redoes_them(cli, tmp_path):
     assert all(r["started_at"] + r["finished_at"] != first[r["optimizer"]] for r in records_under(tmp_path / "sweep"))
 
 
+def test_the_sweep_summary_tells_runs_of_this_launch_from_records_finished_just_before(tmp_path, capsys):
+    """A relaunch at once after a sweep (its records written less than a second before): Hydra rewrites every
+    job's config, one job trains again and rewrites its record, the other is skipped."""
+    from omegaconf import OmegaConf
+
+    from mad.results import SCHEMA_VERSION, write_json_atomically
+    from mad.sweep_summary import SweepSummary
+
+    sweep = tmp_path / "sweep"
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "dry_run": False})
+    for job in ("skipped", "rerun"):  # the first sweep: a job's config is written as it starts, its record at the end
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "config.yaml").write_text("seed: 1\n")
+        os.utime(sweep / job / ".hydra" / "config.yaml", (time.time() - 60,) * 2)
+        write_json_atomically(sweep / job / "result.json", {"schema": SCHEMA_VERSION, "status": "ok"})
+    summary = SweepSummary()
+    summary.on_multirun_start(config)
+    for job in ("skipped", "rerun"):
+        (sweep / job / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    write_json_atomically(sweep / "rerun" / "result.json", {"schema": SCHEMA_VERSION, "status": "diverged"})
+    summary.on_multirun_end(config)
+    assert "2 runs: 1 already finished, 1 ran now: diverged" in capsys.readouterr().out
+
+
 def test_a_finished_record_of_another_config_is_never_overwritten(cli, tmp_path):
     assert cli([*TINY, "hydra.run.dir=run"]).returncode == 0
     before = (tmp_path / "run" / "result.json").read_text()
@@ -109,7 +133,7 @@ def test_resume_after_kill_9_redoes_only_unfinished_runs(tmp_path):
     assert 2 <= len(survivors) < 4
     for text in survivors.values():
         assert json.loads(text)["status"] == "ok"  # a kill never leaves a partial record
-    resumed = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    resumed = run_cli(args[3:], tmp_path)  # the relaunch: python -m mad.run, as the killed sweep
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.count("already finished (ok), skipped") == len(survivors)
     final = {p.parent.name: p.read_text() for p in (tmp_path / "sweep").rglob("result.json")}

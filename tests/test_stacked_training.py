@@ -619,10 +619,12 @@ def test_compiled_step_survives_the_stack_shrinking():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
 
 
-def test_every_size_of_every_stack_compiles(monkeypatch):
+# The default limit, which compile_stack raises. Dynamo's own patch: monkeypatch's undo deletes a config key that is
+# not in the module's __dict__, and every later compile in the process then fails.
+@torch._dynamo.config.patch(recompile_limit=8)
+def test_every_size_of_every_stack_compiles():
     """Dynamo compiles a stack once per size and, by default, runs a function eagerly after 8 compiles in a process:
     a 9-run stack shrinking to one run, then another stack in the same process, must still compile every size."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default; compile_stack raises it
     cfg = compose_cfg("attention=softmax", "model.dim=16", "model.num_layers=2", "attention.num_heads=2",
                       "task.seq_len=8")  # fmt: skip
     graphs = []

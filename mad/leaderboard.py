@@ -32,11 +32,11 @@ from rich.table import Table
 
 from mad import plots
 from mad.published import comparison_lines
-from mad.variants import variant_lines
 from mad.records import GRID, canonical, load_records
 from mad.results import RECORD_NAME, STATUSES
 from mad.tasks import TASKS
 from mad.tasks.grid import BASELINES, LEARNING_RATES, WEIGHT_DECAYS, mad_settings
+from mad.variants import variant_lines
 
 __all__ = ["LeaderboardError", "Leaderboard", "build_leaderboard", "make_leaderboard", "setting_label"]
 

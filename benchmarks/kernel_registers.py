@@ -175,8 +175,8 @@ def our_launches(head_dim: int) -> list[tuple[str, str, object, dict]]:
     with recorded_launches() as calls:
         ours.parallax_fwd(*inputs(SHORT_SEQ), scale)
         q, r, k, v = inputs(SEQ)
-        _, lse2, u_bar = ours.parallax_fwd(q, r, k, v, scale)
-        ours.parallax_bwd(q, r, k, v, lse2, u_bar, torch.empty_like(q), scale)
+        _, *state = ours.parallax_fwd(q, r, k, v, scale)
+        ours.parallax_bwd(q, r, k, v, *state, torch.empty_like(q), scale)
     kinds = {name: kind for kind, name in KERNELS.items()}
     return [(kinds[fn.__name__], f"{PV_NAMES[args['PV']]} (L = {args['T_q']})" if "PV" in args else "-", fn, args)
             for fn, args in calls if fn.__name__ in kinds]  # fmt: skip

@@ -98,6 +98,7 @@ CASES = [
     pytest.param(torch.float16, 1, 33, 4, 2, 16, {}, id="fp16-T33-gqa2"),
     pytest.param(torch.float16, 2, 70, 4, 4, 8, {}, id="fp16-T70-d8"),
     pytest.param(torch.float16, 1, 17, 2, 1, 32, {"T_k": 29, "scale": 0.2}, id="fp16-Tq17-Tk29"),
+    pytest.param(torch.float16, 1, 150, 4, 2, 16, {"r_scale": 4.0}, id="fp16-T150-gqa2-saved-row-stats"),
 ]
 
 
@@ -116,6 +117,54 @@ def test_forced_tile_configs(tri, poisoned_empty):
     configs = {"fwd": tri._cfg(16, 32, 4, 1), "dq": tri._cfg(16, 32, 4, 1), "dkv": tri._cfg(32, 16, 4, 1)}
     errs = run_and_compare(q, r, k, v, g, configs=configs, tri=tri)
     assert max(errs.values()) < 1e-4, errs
+
+
+def _forward_backward(tri, q, r, k, v, g, corrupt=None, stats=None):
+    """(dq, dr, dk, dv) through `parallax_fwd` and `parallax_bwd`; `corrupt(o_stat, v_bar_stat)` edits the saved
+    copies in between."""
+    scale = q.shape[-1] ** -0.5
+    o, lse2, u_bar, o_stat, v_bar_stat = tri.parallax_fwd(q, r, k, v, scale, stats=stats)
+    if corrupt is not None:
+        corrupt(o_stat, v_bar_stat)
+    return tri.parallax_bwd(q, r, k, v, lse2, u_bar, o_stat, v_bar_stat, g, scale)
+
+
+@pytest.mark.parametrize("T_q,T_k", [(100, 100), (40, 100)])
+def test_row_stats_come_from_the_saved_copies_only_where_rows_see_enough_keys(tri, T_q, T_k):
+    """With 32-row query tiles (the interpreter's config) the tiles whose first row sees fewer than STATS_MIN_KEYS
+    keys recompute b and t, so garbage in their rows of the saved o and v_bar changes nothing; garbage in the other
+    rows changes dq, so the backward does read the copies there."""
+    (q, r, k, v), g = make_inputs(1, T_q, 2, 1, 16, torch.float32, T_k=T_k, seed=6)
+    first_saved = next(m0 for m0 in range(0, T_q, 32) if m0 + (T_k - T_q) + 1 >= tri.STATS_MIN_KEYS)
+    assert 0 < first_saved < T_q  # both kinds of tile are present
+
+    def garbage(rows):
+        def corrupt(o_stat, v_bar_stat):
+            o_stat[:, rows] = 1e3
+            v_bar_stat[:, rows] = -1e3
+        return corrupt
+
+    clean = _forward_backward(tri, q, r, k, v, g)
+    for got, want in zip(_forward_backward(tri, q, r, k, v, g, garbage(slice(0, first_saved))), clean):
+        assert torch.equal(got, want)
+    dq = _forward_backward(tri, q, r, k, v, g, garbage(slice(first_saved, None)))[0]
+    assert (dq[:, first_saved:] - clean[0][:, first_saved:]).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("v_scale,why", [(1e6, "beyond fp16's range"), (1e-8, "in fp16's subnormals")])
+def test_row_stats_outside_fp16s_normal_range_are_recomputed(tri, v_scale, why):
+    """fp16 copies of fp32 inputs (as bf16 inputs get them) whose values left fp16's range (inf) or lie below its
+    smallest normal number: the backward recomputes b and t there and stays as accurate as fp32."""
+    (q, r, k, v), g = make_inputs(1, 100, 2, 1, 16, torch.float32, seed=7)
+    v = v * v_scale
+    o_stat = tri.parallax_fwd(q, r, k, v, 0.25, stats=torch.float16)[3]
+    largest = o_stat.float().abs().max().item()
+    assert largest == float("inf") if v_scale > 1 else largest < 2.0**-14, why
+    grads = _forward_backward(tri, q, r, k, v, g, stats=torch.float16)
+    ref_leaves = [x.double().requires_grad_() for x in (q, r, k, v)]
+    ref_grads = torch.autograd.grad(reference_attention(*ref_leaves), ref_leaves, g.double())
+    for name, got, want in zip(("dq", "dr", "dk", "dv"), grads, ref_grads):
+        assert rel_err(got, want, 0.0) < TOL[torch.float32], name
 
 
 def test_non_contiguous_inputs_are_accepted(tri):
@@ -284,7 +333,7 @@ def test_fp16_and_split_paths_in_one_launch(tri, poisoned_empty):
     (q, r, k, v), g = make_inputs(2, 37, 2, 1, 16, torch.float16, seed=3)
     v[1] *= 2e-3  # below the fp16 path's range: sequence 1 takes the split path
     assert tri.fp16_pv_ok(r, k, v).flatten().tolist() == [True, False]
-    out, _, _ = tri.parallax_fwd(q, r, k, v, 16**-0.5, pv=tri.PV_CHOOSE.value)
+    out = tri.parallax_fwd(q, r, k, v, 16**-0.5, pv=tri.PV_CHOOSE.value)[0]
     ref = reference_attention(q.double(), r.double(), k.double(), v.double())
     for b in range(2):
         assert not torch.isnan(out[b]).any()
@@ -298,7 +347,7 @@ def test_choose_streams_an_fp16_copy_of_v_on_its_fp16_path(tri, monkeypatch):
     v[1] *= 2e-3  # below the fp16 path's range: sequence 1 takes the split path
     assert tri.fp16_pv_ok(r, k, v).flatten().tolist() == [True, False]
     monkeypatch.setattr(tri, "fp16_copy", lambda x: (-x).to(torch.float16))
-    out, _, _ = tri.parallax_fwd(q, r, k, v, 16**-0.5, pv=tri.PV_CHOOSE.value)
+    out = tri.parallax_fwd(q, r, k, v, 16**-0.5, pv=tri.PV_CHOOSE.value)[0]
     ref = reference_attention(q.double(), r.double(), k.double(), v.double())
     assert rel_err(out[0], -ref[0], 0.0) < TOL[torch.float16]  # o is linear in V
     assert rel_err(out[1], ref[1], 0.0) < TOL[torch.float32]
@@ -352,3 +401,60 @@ print("ok")
     (tmp_path / "specialize_check.py").write_text(code)  # triton.jit needs its kernel in a file
     proc = _script(str(tmp_path / "specialize_check.py"))
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_saved_row_stats_stay_accurate_for_values_with_a_large_offset(tri):
+    """fp16 copies (as bf16 inputs get them) of fp32 inputs whose values share a large offset: the copies hold o and
+    v_bar less the value at the first key, so they round at the scale of the values' spread, not of the offset, and the
+    gradients stay within fp16's rounding of the float64 reference (without the shift: dq 1.4e-2, dr 1.1e-2)."""
+    (q, r, k, v), g = make_inputs(1, 200, 2, 1, 16, torch.float32, seed=8)
+    v = v + 50.0
+    grads = _forward_backward(tri, q, r, k, v, g, stats=torch.float16)
+    ref_leaves = [x.double().requires_grad_() for x in (q, r, k, v)]
+    ref_grads = torch.autograd.grad(reference_attention(*ref_leaves), ref_leaves, g.double())
+    for name, got, want in zip(("dq", "dr", "dk", "dv"), grads, ref_grads):
+        assert rel_err(got, want, 0.0) < 1e-3, name
+
+
+def test_saved_row_stats_everywhere_match_the_reference(tri, poisoned_empty, monkeypatch):
+    """With STATS_MIN_KEYS = 1 every query tile, the diagonal and ragged ones included, takes b and t from the
+    saved copies (fp32 here, as accurate as recomputing): GQA, head_dim 8 padded to 16, T_q < T_k."""
+    monkeypatch.setattr(tri, "STATS_MIN_KEYS", 1)
+    (q, r, k, v), g = make_inputs(2, 37, 4, 2, 8, torch.float32, T_k=50, seed=9)
+    errs = run_and_compare(q, r, k, v, g)
+    assert max(errs.values()) < TOL[torch.float32], errs
+
+
+def test_a_forward_without_backward_saves_no_copies(tri, monkeypatch):
+    """Under no_grad (or with no input needing a gradient) the forward skips the row statistics' copies and gives
+    the output the training path gives."""
+    (q, r, k, v), _ = make_inputs(1, 40, 2, 1, 16, torch.float32, seed=10)
+    calls = []
+    forward = tri.parallax_fwd
+    monkeypatch.setattr(tri, "parallax_fwd",
+                        lambda *a, **kw: calls.append(kw.get("save_stats", True)) or forward(*a, **kw))  # fmt: skip
+    with torch.no_grad():
+        out = tri.parallax_attention_triton(q, r, k, v)
+    plain = tri.parallax_attention_triton(q, r, k, v)  # no input requires grad
+    trained = tri.parallax_attention_triton(*(x.clone().requires_grad_() for x in (q, r, k, v)))
+    assert calls == [False, False, True]
+    assert torch.equal(out, trained.detach()) and torch.equal(plain, out)
+    assert tri.parallax_fwd(q, r, k, v, 0.25, save_stats=False)[3:] == (None, None)
+
+
+def test_row_stats_copies_are_fp16_or_fp32(tri):
+    (q, r, k, v), _ = make_inputs(1, 4, 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="stats must be torch.float16 or torch.float32"):
+        tri.parallax_fwd(q, r, k, v, 0.25, stats=torch.bfloat16)
+
+
+def test_custom_operators_pass_opcheck_in_fp16(tri):
+    """The fake (shape-only) implementations torch.compile traces agree with the kernels, the fp16 copies'
+    dtype included (torch.library.opcheck)."""
+    from kernels.parallax import triton_ops
+
+    (q, r, k, v), g = make_inputs(1, 9, 2, 1, 16, torch.float16, seed=11)
+    torch.library.opcheck(triton_ops.triton_fwd, (q, r, k, v, 0.25), test_utils=("test_schema", "test_faketensor"))
+    state = tri.parallax_fwd(q, r, k, v, 0.25)[1:]
+    torch.library.opcheck(triton_ops.triton_bwd, (q, r, k, v, *state, g, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip

@@ -8,18 +8,28 @@ streams over the K/V tiles once, keeping fp32 state (m, l, R, O, OR) with ONE ru
     l = alpha l + rowsum P   R = alpha R + rowsum(P*U)   O = alpha O + P V   OR = alpha OR + (P*U) V
     v_bar = O / l   u_bar = R / l   o = v_bar (1 + u_bar) - OR / l
 
-and saves only lse2 = m + log2 l and u_bar (fp32, `[B, H, T_q]`) beside its inputs. The backward runs two kernels:
-dq/dr per query tile, then dk/dv per key tile, which loops over the query heads of its KV head (GQA sums inside the
-kernel, no buffer):
+and saves lse2 = m + log2 l and u_bar (fp32, `[B, H, T_q]`) and o - v_0 and v_bar - v_0 (v_0: the value at the
+sequence's first key) in the statistics' dtype (fp16; fp32 for fp32 inputs) beside its inputs. The backward runs two
+kernels: dq/dr per query tile, then dk/dv per key tile, which loops over the query heads of its KV head (GQA sums
+inside the kernel, no buffer):
 
     a = g.v_j   dS = p [a - t + (u_bar - u)(a - b)]   dU = -p (a - b)
     dq = c sum_j dS k_j   dr = sum_j dU k_j   dk = sum_i (c dS q_i + dU r_i)   dv = sum_i p (1 + u_bar - u) g_i
 
 The row statistics b = g.v_bar = sum_j p a and t = g.o = sum_j p a (1 + u_bar - u) are what keep dq, dr and dk
 accurate: dq and dr are sums of terms that cancel (sum_j dS = sum_j dU = 0), so any mismatch between t, b and the
-backward's own p, u, a shows up as an error t * mu_k in dq. The dq kernel therefore computes b and t in a first pass
-over the keys from the same p, u and a it then uses (three extra dots per tile), instead of from the rounded forward
-output; it stores them for the dk/dv kernel. Nothing [B, T, H, D]-sized is saved beyond the inputs.
+backward's own p, u, a shows up as an error t * mu_k in dq. Rows that see few keys are where it bites: a float64
+emulation (analysis/kernels/parallax_row_stats_emulation.md) put b and t from bf16 copies of o and v_bar at errors up
+to 0.66 at 2-4 keys, from fp16 copies up to 0.17, and from fp16 copies at 64 keys or more within 5.7e-3, as accurate
+as recomputing. The copies hold o and v_bar minus v_0, and the dq kernel adds g.v_0 back: where values share a large
+offset (v = 10 + N(0, 1)), plain copies round at the offset's scale, which offset keys then multiply into dr (several
+times the recomputed error in the same emulation extended to offsets); shifted copies round at the scale of the
+values' spread (v_0, one [D] vector per program, rather than each row's own value: loading that in the forward's
+epilogue made the D = 128 tiles spill). So the dq kernel takes b and t from the saved copies (a row-wise product each)
+in query tiles whose rows all see at least STATS_MIN_KEYS keys, and elsewhere recomputes them in a first pass over the
+keys from the same p, u and a it then uses (three extra dots per key tile); so it does too where a saved copy left
+fp16's range (inf) or where all of a tile's saved values lie below fp16's smallest normal number, where fp16 keeps too
+few bits. It stores b and t for the dk/dv kernel.
 
 For 16-bit inputs the forward's P V and (P*U) V dots need more than bf16's 8 bits of P and P*U: v_bar (1 + u_bar) - OR
 cancels when the probe scores are large, and one bf16 rounding of P*U put max-norm errors of ~1e-2 into o
@@ -287,11 +297,13 @@ def _fp16_fits(PARTS, pid_kv, n_parts):
 
 @_tuned("fwd")
 @triton.jit(do_not_specialize=["T_q", "T_k", "TUNE_KEY", "H", "GROUP"])
-def _fwd_kernel(Q, R, K, V, V16, RANGE_PARTS, n_parts, O, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
-                H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                PREC: tl.constexpr, PV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_kernel(Q, R, K, V, V16, RANGE_PARTS, n_parts, O, O_STAT, VBAR_STAT, LSE2, UBAR, qk_scale2, T_q, T_k, TUNE_KEY,
+                H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PV: tl.constexpr,
+                SAVE_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """V16: V in fp16, what the fp16 sweep of PV_CHOOSE reads (the others read V). RANGE_PARTS, n_parts:
-    `range_parts`' output and its parts per row, read only when PV is PV_CHOOSE."""
+    `range_parts`' output and its parts per row, read only when PV is PV_CHOOSE. O_STAT, VBAR_STAT: o - v_0 and
+    v_bar - v_0 (v_0: V at the sequence's first key) in the statistics' dtype, for the backward's row statistics;
+    written only when SAVE_STATS (a forward without a backward skips them)."""
     H_KV = H // GROUP
     Q_ROW = H * HEAD_DIM  # elements between consecutive tokens of q, r, o, v_bar
     KV_ROW = H_KV * HEAD_DIM
@@ -347,6 +359,10 @@ def _fwd_kernel(Q, R, K, V, V16, RANGE_PARTS, n_parts, O, LSE2, UBAR, qk_scale2,
     u_bar = r_i * inv_l  # shifted
     o = v_bar * (1.0 + u_bar[:, None]) - acc_or * inv_l[:, None]
     tl.store(O + q_off, o.to(O.dtype.element_ty), mask=q_mask)
+    if SAVE_STATS:
+        v_0 = tl.load(V + kv_start + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(O_STAT + q_off, (o - v_0).to(O_STAT.dtype.element_ty), mask=q_mask)
+        tl.store(VBAR_STAT + q_off, (v_bar - v_0).to(VBAR_STAT.dtype.element_ty), mask=q_mask)
     row_off = pid_bh.to(tl.int64) * T_q + offs_m
     tl.store(LSE2 + row_off, m_i + tl.math.log2(l_i), mask=row_ok)
     tl.store(UBAR + row_off, u_bar + u_shift, mask=row_ok)  # unshifted: the backward recomputes plain u
@@ -394,9 +410,10 @@ def _dq_step(q, r, g, k, v, acc_dq, acc_dr, lse2, u_bar, t, b_row, offs_m, offs_
 
 @_tuned("dq")
 @triton.jit(do_not_specialize=["T_q", "T_k", "TUNE_KEY", "H", "GROUP"])
-def _bwd_dq_kernel(Q, R, K, V, GO, LSE2, UBAR, TT, BB, DQ, DR, qk_scale, qk_scale2, T_q, T_k, TUNE_KEY,
-                   H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bwd_dq_kernel(Q, R, K, V, GO, O_STAT, VBAR_STAT, LSE2, UBAR, TT, BB, DQ, DR, qk_scale, qk_scale2, T_q, T_k, TUNE_KEY,
+                   H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                   STATS_MIN_KEYS: tl.constexpr, STAT_MIN: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     H_KV = H // GROUP
     Q_ROW = H * HEAD_DIM
     KV_ROW = H_KV * HEAD_DIM
@@ -428,24 +445,41 @@ def _bwd_dq_kernel(Q, R, K, V, GO, LSE2, UBAR, TT, BB, DQ, DR, qk_scale, qk_scal
     n_full = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N
     n_end = tl.minimum(T_k, m0 + BLOCK_M + causal_off)
 
-    # Pass 1: the row statistics b and t (module docstring), stored for the dk/dv kernel.
+    # The row statistics b and t (module docstring), stored for the dk/dv kernel: from the forward's saved o and
+    # v_bar, unless this tile's first row sees fewer than STATS_MIN_KEYS keys or a saved value is unusable; then
+    # recomputed over the keys. Loop bounds of zero skip that pass rather than a branch around it: Triton's pipeliner
+    # gave up on every loop of the kernel (every wgmma waiting on the one before) when the loops sat inside an `if`.
+    o_saved = tl.load(O_STAT + q_off, mask=q_mask, other=0.0).to(tl.float32)  # o - v_0
+    v_bar_saved = tl.load(VBAR_STAT + q_off, mask=q_mask, other=0.0).to(tl.float32)  # v_bar - v_0
+    v_0 = tl.load(V + kv_start + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    g_v_0 = tl.sum(g.to(tl.float32) * v_0[None, :], 1)
+    t_saved = tl.sum(g.to(tl.float32) * o_saved, 1) + g_v_0
+    b_saved = tl.sum(g.to(tl.float32) * v_bar_saved, 1) + g_v_0
+    o_largest = tl.max(tl.max(tl.abs(o_saved), 1), 0)
+    v_bar_largest = tl.max(tl.max(tl.abs(v_bar_saved), 1), 0)
+    recompute = ((m0 + causal_off + 1 < STATS_MIN_KEYS) | (o_largest == float("inf")) | (o_largest < STAT_MIN)
+                 | (v_bar_largest == float("inf")) | (v_bar_largest < STAT_MIN))
+    stats_full = tl.where(recompute, n_full, 0)
+    stats_end = tl.where(recompute, n_end, 0)
     b_row = tl.zeros([BLOCK_M], dtype=tl.float32)
     t = tl.zeros([BLOCK_M], dtype=tl.float32)
     k_base = K + kv_start
     v_base = V + kv_start
-    for start_n in range(0, n_full, BLOCK_N):
+    for start_n in range(0, stats_full, BLOCK_N):
         k, v = _load_kv_tile(k_base, v_base, kv_tile, d_ok, BLOCK_D != HEAD_DIM)
         b_row, t = _row_stats_step(q, r, g, k, v, b_row, t, lse2, u_bar, offs_m, start_n + arange_n, causal_off, T_k,
                                    qk_scale2, False, PREC)
         k_base += BLOCK_N * KV_ROW
         v_base += BLOCK_N * KV_ROW
-    for start_n in range(n_full, n_end, BLOCK_N):
+    for start_n in range(stats_full, stats_end, BLOCK_N):
         offs_n = start_n + arange_n
         k, v = _load_kv_edge_tile(k_base, v_base, kv_tile, offs_n, T_k, d_ok)
         b_row, t = _row_stats_step(q, r, g, k, v, b_row, t, lse2, u_bar, offs_m, offs_n, causal_off, T_k, qk_scale2,
                                    True, PREC)
         k_base += BLOCK_N * KV_ROW
         v_base += BLOCK_N * KV_ROW
+    b_row = tl.where(recompute, b_row, b_saved)
+    t = tl.where(recompute, t, t_saved)
     tl.store(TT + row_off, t, mask=row_ok)
     tl.store(BB + row_off, b_row, mask=row_ok)
 
@@ -663,16 +697,32 @@ def pv_mode(dtype: torch.dtype, T_q: int, T_k: int) -> int:
     return PV_CHOOSE.value if max(T_q, T_k) >= FP16_CHECK_MIN_LEN else PV_SPLIT.value
 
 
-def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None, pv: int | None = None):
-    """Forward. Inputs contiguous `[B, T, H, D]` (k, v: `[B, T_k, H_kv, D]`); `pv` overrides `pv_mode` (tests:
-    the interpreter cannot run bf16, so PV_CHOOSE is tested with fp16 inputs).
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the copies of o and v_bar (less v_0) that the forward saves for the backward's row statistics."""
+    return torch.float32 if dtype == torch.float32 else torch.float16
 
-    Returns `(o, lse2, u_bar)`: o `[B, T_q, H, D]` in the input dtype; lse2 (= m + log2 l, in base-2 units of the
-    logits c*log2(e)*q.k) and u_bar `[B, H, T_q]` fp32.
+
+def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None, pv: int | None = None,
+                 stats: torch.dtype | None = None, save_stats: bool = True):
+    """Forward. Inputs contiguous `[B, T, H, D]` (k, v: `[B, T_k, H_kv, D]`); `pv` overrides `pv_mode` (tests:
+    the interpreter cannot run bf16, so PV_CHOOSE is tested with fp16 inputs), `stats` overrides `stat_dtype` (tests:
+    fp16 copies of fp32 inputs); `save_stats=False` (no backward to follow) returns None for o_stat and v_bar_stat.
+
+    Returns `(o, lse2, u_bar, o_stat, v_bar_stat)`: o `[B, T_q, H, D]` in the input dtype; lse2 (= m + log2 l, in
+    base-2 units of the logits c*log2(e)*q.k) and u_bar `[B, H, T_q]` fp32; o_stat and v_bar_stat `[B, T_q, H, D]` in
+    the statistics' dtype: o and the softmax-weighted mean of v, each minus v_0 (V at the sequence's first key), for
+    `parallax_bwd`.
     """
     B, T_q, H, D = q.shape
     T_k = k.shape[1]
+    if stats not in (None, torch.float16, torch.float32):
+        raise ValueError(f"stats must be torch.float16 or torch.float32 (the dq kernel guards fp16's range), got {stats}")
     o = torch.empty_like(q)
+    if save_stats:
+        o_stat = torch.empty_like(q, dtype=stat_dtype(q.dtype) if stats is None else stats)
+        v_bar_stat = torch.empty_like(o_stat)
+    else:
+        o_stat = v_bar_stat = None
     lse2 = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     u_bar = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     grid = lambda meta: (B * H, triton.cdiv(T_q, meta["BLOCK_M"]))  # noqa: E731
@@ -683,16 +733,24 @@ def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None,
         v16 = fp16_copy(v)
     else:
         parts, n_parts, v16 = lse2, 0, v  # lse2: a pointer the kernel then never reads
-    args = (q, r, k, v, v16, parts, n_parts, o, lse2, u_bar, scale * _LOG2E, T_q, T_k, _tune_key(T_q, B * H))
-    _launch(_fwd_kernel, grid, args, _meta(q, k) | {"PV": pv}, (configs or {}).get("fwd"))
-    return o, lse2, u_bar
+    stat_ptrs = (o_stat, v_bar_stat) if save_stats else (o, o)  # pointers the kernel then never writes
+    args = (q, r, k, v, v16, parts, n_parts, o, *stat_ptrs, lse2, u_bar, scale * _LOG2E, T_q, T_k, _tune_key(T_q, B * H))
+    _launch(_fwd_kernel, grid, args, _meta(q, k) | {"PV": pv, "SAVE_STATS": save_stats}, (configs or {}).get("fwd"))
+    return o, lse2, u_bar, o_stat, v_bar_stat
 
 
-def parallax_bwd(q, r, k, v, lse2, u_bar, grad_o, scale: float, configs: KernelConfigs | None = None):
+# Query tiles whose rows all see at least this many keys take the backward's row statistics from the forward's saved
+# copies (module docstring); a module attribute so that tests can move it.
+STATS_MIN_KEYS = 64
+_FP16_SMALLEST_NORMAL = 2.0**-14
+
+
+def parallax_bwd(q, r, k, v, lse2, u_bar, o_stat, v_bar_stat, grad_o, scale: float, configs: KernelConfigs | None = None):
     """Backward: `(dq, dr, dk, dv)` in the input dtypes, from the tensors `parallax_fwd` returned."""
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     configs = configs or {}
+    stat_min = _FP16_SMALLEST_NORMAL if o_stat.dtype == torch.float16 else 0.0
     meta = _meta(q, k)
     key = _tune_key(T_q, B * H)
     dq, dr = torch.empty_like(q), torch.empty_like(r)
@@ -700,9 +758,9 @@ def parallax_bwd(q, r, k, v, lse2, u_bar, grad_o, scale: float, configs: KernelC
     t = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     b = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     grid_q = lambda meta: (B * H, triton.cdiv(T_q, meta["BLOCK_M"]))  # noqa: E731
-    args = (q, r, k, v, grad_o, lse2, u_bar, t, b, dq, dr, scale,
-            scale * _LOG2E, T_q, T_k, key)
-    _launch(_bwd_dq_kernel, grid_q, args, meta, configs.get("dq"))
+    args = (q, r, k, v, grad_o, o_stat, v_bar_stat, lse2, u_bar, t, b, dq, dr, scale, scale * _LOG2E, T_q, T_k, key)
+    _launch(_bwd_dq_kernel, grid_q, args, meta | {"STATS_MIN_KEYS": STATS_MIN_KEYS, "STAT_MIN": stat_min},
+            configs.get("dq"))
     grid_kv = lambda meta: (B * H_kv, triton.cdiv(T_k, meta["BLOCK_N"]))  # noqa: E731
     args = (q, r, k, v, grad_o, lse2, u_bar, t, b, dk, dv, scale, scale * _LOG2E, T_q, T_k, key)
     _launch(_bwd_dkv_kernel, grid_kv, args, meta, configs.get("dkv"))
@@ -718,7 +776,8 @@ def _direct(configs: KernelConfigs | None) -> bool:
 
 
 class ParallaxTritonFunction(torch.autograd.Function):
-    """`(o, lse2, u_bar)` of `parallax_fwd`; differentiable in q, r, k, v through o (lse2 and u_bar are saved state).
+    """`(o, lse2, u_bar, o_stat, v_bar_stat)` of `parallax_fwd`; differentiable in q, r, k, v through o (the others are
+    saved state).
 
     Supports `torch.vmap` (the stacked training of mad/stacked_model.py): the vmapped dimension is folded into the
     batch, so N runs take one launch per kernel.
@@ -733,26 +792,26 @@ class ParallaxTritonFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, r, k, v, scale, configs = inputs
-        _, lse2, u_bar = output
-        ctx.mark_non_differentiable(lse2, u_bar)
-        ctx.save_for_backward(q, r, k, v, lse2, u_bar)
+        _, *state = output
+        ctx.mark_non_differentiable(*state)
+        ctx.save_for_backward(q, r, k, v, *state)
         ctx.scale, ctx.configs = scale, configs
 
     @staticmethod
-    def backward(ctx, grad_o, _grad_lse2, _grad_u_bar):
-        q, r, k, v, lse2, u_bar = ctx.saved_tensors
+    def backward(ctx, grad_o, *_grad_state):
+        q, r, k, v, lse2, u_bar, o_stat, v_bar_stat = ctx.saved_tensors
         grad_o = grad_o.contiguous()
         if _direct(ctx.configs):
-            grads = parallax_bwd(q, r, k, v, lse2, u_bar, grad_o, ctx.scale, ctx.configs)
+            grads = parallax_bwd(q, r, k, v, lse2, u_bar, o_stat, v_bar_stat, grad_o, ctx.scale, ctx.configs)
         else:
-            grads = triton_ops.triton_bwd(q, r, k, v, lse2, u_bar, grad_o, ctx.scale)
+            grads = triton_ops.triton_bwd(q, r, k, v, lse2, u_bar, o_stat, v_bar_stat, grad_o, ctx.scale)
         return (*grads, None, None)
 
     @staticmethod
     def vmap(info, in_dims, q, r, k, v, scale, configs):
         q, r, k, v = (fold_vmapped(x, d, info.batch_size).contiguous() for x, d in zip((q, r, k, v), in_dims[:4]))
         outputs = ParallaxTritonFunction.apply(q, r, k, v, scale, configs)
-        return tuple(x.unflatten(0, (info.batch_size, -1)) for x in outputs), (0, 0, 0)
+        return tuple(x.unflatten(0, (info.batch_size, -1)) for x in outputs), (0,) * len(outputs)
 
 
 MAX_SEQ_LEN = 1 << 20  # launch grids put query tiles on grid axis 1 (at most 65535 tiles of 16)
@@ -794,4 +853,14 @@ def parallax_attention_triton(q, r, k, v, *, scale: float | None = None, configs
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # Non-contiguous views (e.g. split from a fused projection) are copied once; the kernels assume [B, T, H, D].
     q, r, k, v = (x.contiguous() for x in (q, r, k, v))
+    if _forward_only(q, r, k, v, configs=configs):
+        return parallax_fwd(q, r, k, v, scale, configs, save_stats=False)[0]
     return ParallaxTritonFunction.apply(q, r, k, v, scale, configs)[0]
+
+
+def _forward_only(*inputs: torch.Tensor, configs: KernelConfigs | None) -> bool:
+    """No backward can follow (grad off or no input needing one), so the forward need not save the row statistics'
+    copies; only for a direct launch of plain tensors (torch.compile and vmap go through the autograd Function)."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        return False
+    return _direct(configs) and not any(torch._C._functorch.is_batchedtensor(x) for x in inputs)

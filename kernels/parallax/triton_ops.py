@@ -20,25 +20,28 @@ def _kernels():
 
 @torch.library.custom_op("mad_parallax::triton_fwd", mutates_args=())
 def triton_fwd(q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """`(o, lse2, u_bar)` of `kernels.parallax.triton.parallax_fwd`, autotuned."""
+               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`(o, lse2, u_bar, o_stat, v_bar_stat)` of `kernels.parallax.triton.parallax_fwd`, autotuned."""
     return _kernels().parallax_fwd(q, r, k, v, scale)
 
 
 @triton_fwd.register_fake
 def _(q, r, k, v, scale):
     B, T_q, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty(B, H, T_q, dtype=torch.float32), q.new_empty(B, H, T_q, dtype=torch.float32)
+    stats = _kernels().stat_dtype(q.dtype)
+    row = (B, H, T_q)
+    return (torch.empty_like(q), q.new_empty(row, dtype=torch.float32), q.new_empty(row, dtype=torch.float32),
+            torch.empty_like(q, dtype=stats), torch.empty_like(q, dtype=stats))
 
 
 @torch.library.custom_op("mad_parallax::triton_bwd", mutates_args=())
 def triton_bwd(q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse2: torch.Tensor,
-               u_bar: torch.Tensor, grad_o: torch.Tensor,
+               u_bar: torch.Tensor, o_stat: torch.Tensor, v_bar_stat: torch.Tensor, grad_o: torch.Tensor,
                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """`(dq, dr, dk, dv)` of `kernels.parallax.triton.parallax_bwd`, autotuned."""
-    return _kernels().parallax_bwd(q, r, k, v, lse2, u_bar, grad_o, scale)
+    return _kernels().parallax_bwd(q, r, k, v, lse2, u_bar, o_stat, v_bar_stat, grad_o, scale)
 
 
 @triton_bwd.register_fake
-def _(q, r, k, v, lse2, u_bar, grad_o, scale):
+def _(q, r, k, v, lse2, u_bar, o_stat, v_bar_stat, grad_o, scale):
     return torch.empty_like(q), torch.empty_like(r), torch.empty_like(k), torch.empty_like(v)

@@ -6,6 +6,12 @@ official Parallax bench does; a few with large r), every kernel output allocatio
 forced in turn so that every autotune candidate is checked; a few shapes go through the autotuner instead.
 Pass: max-norm relative error max|x - ref| / max|ref| < 1e-2 (bf16, fp16) or < 1e-4 (fp32), and no NaN/inf.
 
+Beside the pass/fail check, a study of inputs whose values and keys share a large offset (v = c + N(0, 1), keys
+normalised after adding a common direction), where the backward's row statistics are most fragile: each case runs
+twice, with the dq kernel taking them from the forward's saved copies where it does (kernels/parallax/triton.py) and
+with them recomputed everywhere, and the report sets the two errors side by side (not part of pass/fail: at large
+offsets the recomputed statistics exceed the tolerance too).
+
     PYTHONPATH=. python benchmarks/check_parallax_triton.py --out analysis/kernels/
     PYTHONPATH=. python benchmarks/check_parallax_triton.py --cpu-smoke --out /tmp/x   # CPU, Triton interpreter
 
@@ -16,6 +22,7 @@ status 0 when every shape passed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import math
@@ -62,10 +69,16 @@ class Spec:
     scale: float | None  # None: the default D ** -0.5
     r_scale: float  # probes are RMS-normalised, then multiplied by this
     configs: str  # "auto" (autotuner / interpreter default) or "i,j,k": candidate indices for fwd, dq, dkv
+    v_offset: float = 0.0  # added to every value
+    k_offset: float = 0.0  # times a random unit-RMS direction shared by the keys, added before they are normalised
+    recompute: bool = False  # the dq kernel recomputes the row statistics everywhere (STATS_MIN_KEYS out of reach)
+    inputs_of: int | None = None  # draw the inputs of this spec index instead of its own (the offset study's pairs)
 
     def label(self) -> str:
         extra = "" if self.scale is None else f" scale={self.scale:.3g}"
         extra += "" if self.r_scale == 1 else f" r*{self.r_scale:g}"
+        extra += "" if not (self.v_offset or self.k_offset) else f" v+{self.v_offset:g} k+{self.k_offset:g}"
+        extra += " recomputed" if self.recompute else ""
         return f"B={self.B} T={self.T} H={self.H}/{self.H_kv} D={self.D} {self.dtype} cfg={self.configs}{extra}"
 
 
@@ -122,6 +135,20 @@ def make_specs(n: int, seed: int, n_configs) -> list[Spec]:
     return specs
 
 
+def offset_specs(first_idx: int, smoke: bool) -> list[Spec]:
+    """The offset study's cases, each twice: row statistics from the saved copies, then recomputed."""
+    offsets = ((0.0, 0.0), (10.0, 5.0)) if smoke else ((0.0, 0.0), (10.0, 0.0), (0.0, 3.0), (10.0, 5.0))
+    shapes = [(1, 80, 2, 1, 16, "fp16")] if smoke else [(2, T, 4, 2, D, "bf16") for T in (256, 2048) for D in (64, 128)]
+    specs = []
+    for B, T, H, H_kv, D, dtype in shapes:
+        for v_offset, k_offset in offsets:
+            pair = first_idx + len(specs)
+            for recompute in (False, True):
+                specs.append(Spec(first_idx + len(specs), B, T, H, H_kv, D, dtype, None, 1.0, "auto",
+                                  v_offset, k_offset, recompute, inputs_of=pair))  # fmt: skip
+    return specs
+
+
 def smoke_specs() -> list[Spec]:
     return [
         Spec(0, 2, 7, 4, 2, 8, "fp32", None, 1.0, "auto"),
@@ -158,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
     def check(spec: Spec) -> dict:
         dtype = dtypes[spec.dtype]
-        gen = torch.Generator(device=device).manual_seed(args.seed * 100_003 + spec.idx)
+        gen = torch.Generator(device=device).manual_seed(args.seed * 100_003 + (spec.inputs_of or spec.idx))
 
         def randn(*shape):
             return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)
@@ -166,13 +193,20 @@ def run(args: argparse.Namespace) -> int:
         D = spec.D
         q = F.rms_norm(randn(spec.B, spec.T, spec.H, D), (D,))
         r = spec.r_scale * F.rms_norm(randn(spec.B, spec.T, spec.H, D), (D,))
-        k = F.rms_norm(randn(spec.B, spec.T, spec.H_kv, D), (D,))
-        v = randn(spec.B, spec.T, spec.H_kv, D)
+        k = randn(spec.B, spec.T, spec.H_kv, D)
+        if spec.k_offset:
+            k = k + spec.k_offset * F.rms_norm(randn(1, 1, spec.H_kv, D), (D,))
+        k = F.rms_norm(k, (D,))
+        v = randn(spec.B, spec.T, spec.H_kv, D) + spec.v_offset
         g = randn(spec.B, spec.T, spec.H, D)
         inputs = [x.to(dtype) for x in (q, r, k, v)]
         g = g.to(dtype)
         leaves = [x.clone().requires_grad_() for x in inputs]
-        with nan_filled_empty():
+        stats_min_keys = tri.STATS_MIN_KEYS
+        with nan_filled_empty(), contextlib.ExitStack() as undo:
+            if spec.recompute:
+                tri.STATS_MIN_KEYS = 1 << 30
+                undo.callback(setattr, tri, "STATS_MIN_KEYS", stats_min_keys)
             if spec.configs == "auto":
                 out = parallax_attention(*leaves, scale=spec.scale, impl="triton")
             else:
@@ -226,14 +260,7 @@ def run(args: argparse.Namespace) -> int:
         except Exception as err:
             print(f"precompile failed ({type(err).__name__}: {err}); kernels compile lazily", flush=True)
 
-    rows: list[dict] = []
-    aborted = ""
-    checking = time.time()  # the budget is for checking: a precompile that ran long must not leave no shape checked
-    for spec in specs:
-        if time.time() - checking > args.budget_s:
-            aborted = f"time budget of {args.budget_s:.0f} s reached after {len(rows)} of {len(specs)} shapes"
-            print(aborted, flush=True)
-            break
+    def run_spec(spec: Spec) -> dict:
         t0 = time.time()
         row = {"idx": spec.idx, **asdict(spec), "label": spec.label()}
         try:
@@ -245,33 +272,52 @@ def run(args: argparse.Namespace) -> int:
             row.update({n: float("nan") for n in TENSORS}, finite=False, passed=False)
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
             traceback.print_exc()
-            if "CUDA error" in str(err) or "illegal memory access" in str(err):
-                rows.append(row | {"seconds": time.time() - t0})
-                aborted = f"CUDA context lost at shape {spec.idx} ({spec.label()}): the remaining shapes were not run"
-                print(aborted, flush=True)
-                break
         row["seconds"] = time.time() - t0
-        rows.append(row)
         errs = " ".join(f"{n}={row[n]:.1e}" for n in TENSORS)
-        print(f"[{len(rows):3d}/{len(specs)}] {'ok  ' if row['passed'] else 'FAIL'} {spec.label()}  {errs}  "
+        print(f"[{spec.idx + 1:3d}] {'ok  ' if row['passed'] else 'FAIL'} {spec.label()}  {errs}  "
               f"{row['seconds']:.2f}s {row['error']}", flush=True)
         if device.type == "cuda" and spec.B * spec.H * spec.T * spec.T > REF_CAP // 8:
             torch.cuda.empty_cache()
+        return row
+
+    def context_lost(row: dict) -> bool:
+        return "CUDA error" in row["error"] or "illegal memory access" in row["error"]
+
+    rows: list[dict] = []
+    aborted = ""
+    checking = time.time()  # the budget is for checking: a precompile that ran long must not leave no shape checked
+    for spec in specs:
+        if time.time() - checking > args.budget_s:
+            aborted = f"time budget of {args.budget_s:.0f} s reached after {len(rows)} of {len(specs)} shapes"
+            print(aborted, flush=True)
+            break
+        rows.append(run_spec(spec))
+        if context_lost(rows[-1]):
+            aborted = f"CUDA context lost at shape {spec.idx} ({spec.label()}): the remaining shapes were not run"
+            print(aborted, flush=True)
+            break
         if len(rows) % 10 == 0:  # a killed run still leaves its rows behind
             write_csv(out_dir / "parallax_triton_check.csv", rows)
+    offset_rows = []
+    if not aborted.startswith("CUDA context lost"):
+        for spec in offset_specs(len(specs), args.cpu_smoke):
+            offset_rows.append(run_spec(spec))
+            if context_lost(offset_rows[-1]):
+                break
 
-    write_csv(out_dir / "parallax_triton_check.csv", rows)
+    write_csv(out_dir / "parallax_triton_check.csv", rows + offset_rows)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'}), Triton interpreter"
     md = report(rows, len(specs), aborted, time.time() - start, device_name,
                 {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()})
+    md += offset_report(offset_rows)
     (out_dir / "parallax_triton_check.md").write_text(md)
     print(md)
     return 0 if rows and all(r["passed"] for r in rows) and not aborted else 1
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    fields = ["idx", "B", "T", "H", "H_kv", "D", "dtype", "scale", "r_scale", "configs", *TENSORS, "finite", "passed",
-              "seconds", "error"]
+    fields = ["idx", "B", "T", "H", "H_kv", "D", "dtype", "scale", "r_scale", "configs", "v_offset", "k_offset",
+              "recompute", *TENSORS, "finite", "passed", "seconds", "error"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -321,6 +367,27 @@ def report(rows: list[dict], n_planned: int, aborted: str, seconds: float, devic
     for r in failures:
         errs = ", ".join(f"{n}={r[n]:.2e}" for n in TENSORS)
         lines.append(f"- FAIL shape {r['idx']}: {r['label']}: {errs}" + (f"; {r['error']}" if r["error"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def offset_report(rows: list[dict]) -> str:
+    """The offset study: per case, the worst dq/dr/dk error with saved row statistics and with recomputed ones."""
+    lines = ["", "## Offset inputs: row statistics from the saved copies vs recomputed (not part of pass/fail)", ""]
+    if not rows:
+        return "\n".join(lines + ["Not run (the check stopped early).", ""])
+    lines += ["| T | D | dtype | v offset | k offset | saved: dq / dr / dk | recomputed: dq / dr / dk | worst, saved / recomputed |",
+              "| ---: | ---: | --- | ---: | ---: | --- | --- | ---: |"]  # fmt: skip
+    key = lambda r: (r["T"], r["D"], r["dtype"], r["v_offset"], r["k_offset"])  # noqa: E731
+    pairs = {}
+    for r in rows:
+        pairs.setdefault(key(r), {})[r["recompute"]] = r
+    for (T, D, dtype, v_off, k_off), pair in pairs.items():
+        if len(pair) < 2:
+            continue
+        cells = [" / ".join(f"{pair[rec][n]:.1e}" for n in ("dq", "dr", "dk")) for rec in (False, True)]
+        worst = [max(pair[rec][n] for n in ("dq", "dr", "dk")) for rec in (False, True)]
+        lines.append(f"| {T} | {D} | {dtype} | {v_off:g} | {k_off:g} | {cells[0]} | {cells[1]} | "
+                     f"{worst[0] / worst[1]:.2f} |")
     return "\n".join(lines) + "\n"
 
 

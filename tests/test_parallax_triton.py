@@ -98,7 +98,7 @@ CASES = [
     pytest.param(torch.float16, 1, 33, 4, 2, 16, {}, id="fp16-T33-gqa2"),
     pytest.param(torch.float16, 2, 70, 4, 4, 8, {}, id="fp16-T70-d8"),
     pytest.param(torch.float16, 1, 17, 2, 1, 32, {"T_k": 29, "scale": 0.2}, id="fp16-Tq17-Tk29"),
-    pytest.param(torch.float16, 1, 150, 4, 2, 16, {"r_scale": 4.0}, id="fp16-T150-gqa2-saved-row-stats"),
+    pytest.param(torch.float16, 1, 150, 4, 2, 16, {"r_scale": 4.0}, id="fp16-T150-gqa2-large-r"),
 ]
 
 
@@ -135,6 +135,7 @@ def test_row_stats_come_from_the_saved_copies_only_where_rows_see_enough_keys(tr
     keys recompute b and t, so garbage in their rows of the saved o and v_bar changes nothing; garbage in the other
     rows changes dq, so the backward does read the copies there."""
     (q, r, k, v), g = make_inputs(1, T_q, 2, 1, 16, torch.float32, T_k=T_k, seed=6)
+    copies = dict(stats=torch.float32)  # fp32 inputs save none by default (`stat_dtype`)
     first_saved = next(m0 for m0 in range(0, T_q, 32) if m0 + (T_k - T_q) + 1 >= tri.STATS_MIN_KEYS)
     assert 0 < first_saved < T_q  # both kinds of tile are present
 
@@ -144,10 +145,10 @@ def test_row_stats_come_from_the_saved_copies_only_where_rows_see_enough_keys(tr
             v_bar_stat[:, rows] = -1e3
         return corrupt
 
-    clean = _forward_backward(tri, q, r, k, v, g)
-    for got, want in zip(_forward_backward(tri, q, r, k, v, g, garbage(slice(0, first_saved))), clean):
+    clean = _forward_backward(tri, q, r, k, v, g, **copies)
+    for got, want in zip(_forward_backward(tri, q, r, k, v, g, garbage(slice(0, first_saved)), **copies), clean):
         assert torch.equal(got, want)
-    dq = _forward_backward(tri, q, r, k, v, g, garbage(slice(first_saved, None)))[0]
+    dq = _forward_backward(tri, q, r, k, v, g, garbage(slice(first_saved, None)), **copies)[0]
     assert (dq[:, first_saved:] - clean[0][:, first_saved:]).abs().max() > 1.0
 
 
@@ -420,6 +421,7 @@ def test_saved_row_stats_everywhere_match_the_reference(tri, poisoned_empty, mon
     """With STATS_MIN_KEYS = 1 every query tile, the diagonal and ragged ones included, takes b and t from the
     saved copies (fp32 here, as accurate as recomputing): GQA, head_dim 8 padded to 16, T_q < T_k."""
     monkeypatch.setattr(tri, "STATS_MIN_KEYS", 1)
+    monkeypatch.setattr(tri, "stat_dtype", lambda dtype: torch.float32)
     (q, r, k, v), g = make_inputs(2, 37, 4, 2, 8, torch.float32, T_k=50, seed=9)
     errs = run_and_compare(q, r, k, v, g)
     assert max(errs.values()) < TOL[torch.float32], errs
@@ -439,10 +441,12 @@ def test_a_forward_without_backward_saves_no_copies(tri, monkeypatch):
     trained = tri.parallax_attention_triton(*(x.clone().requires_grad_() for x in (q, r, k, v)))
     assert calls == [False, False, True]
     assert torch.equal(out, trained.detach()) and torch.equal(plain, out)
-    assert tri.parallax_fwd(q, r, k, v, 0.25, save_stats=False)[3:] == (None, None)
+    assert [x.numel() for x in tri.parallax_fwd(q, r, k, v, 0.25, stats=torch.float32, save_stats=False)[3:]] == [0, 0]
 
 
 def test_row_stats_copies_are_fp16_or_fp32(tri):
+    """bf16 inputs save fp16 copies; fp16 and fp32 inputs none (their backward recomputes, `stat_dtype`)."""
+    assert [tri.stat_dtype(d) for d in (torch.bfloat16, torch.float16, torch.float32)] == [torch.float16, None, None]
     (q, r, k, v), _ = make_inputs(1, 4, 2, 1, 16, torch.float32)
     with pytest.raises(ValueError, match="stats must be torch.float16 or torch.float32"):
         tri.parallax_fwd(q, r, k, v, 0.25, stats=torch.bfloat16)

@@ -8,8 +8,8 @@ streams over the K/V tiles once, keeping fp32 state (m, l, R, O, OR) with ONE ru
     l = alpha l + rowsum P   R = alpha R + rowsum(P*U)   O = alpha O + P V   OR = alpha OR + (P*U) V
     v_bar = O / l   u_bar = R / l   o = v_bar (1 + u_bar) - OR / l
 
-and saves lse2 = m + log2 l and u_bar (fp32, `[B, H, T_q]`) and o - v_0 and v_bar - v_0 (v_0: the value at the
-sequence's first key) in the statistics' dtype (fp16; fp32 for fp32 inputs) beside its inputs. The backward runs two
+and saves lse2 = m + log2 l and u_bar (fp32, `[B, H, T_q]`) and, for bf16 inputs, o - v_0 and v_bar - v_0 (v_0: the
+value at the sequence's first key) in fp16 (`stat_dtype`) beside its inputs. The backward runs two
 kernels: dq/dr per query tile, then dk/dv per key tile, which loops over the query heads of its KV head (GQA sums
 inside the kernel, no buffer):
 
@@ -412,7 +412,7 @@ def _dq_step(q, r, g, k, v, acc_dq, acc_dr, lse2, u_bar, t, b_row, offs_m, offs_
 @triton.jit(do_not_specialize=["T_q", "T_k", "TUNE_KEY", "H", "GROUP"])
 def _bwd_dq_kernel(Q, R, K, V, GO, O_STAT, VBAR_STAT, LSE2, UBAR, TT, BB, DQ, DR, qk_scale, qk_scale2, T_q, T_k, TUNE_KEY,
                    H, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                   STATS_MIN_KEYS: tl.constexpr, STAT_MIN: tl.constexpr,
+                   USE_STATS: tl.constexpr, STATS_MIN_KEYS: tl.constexpr, STAT_MIN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     H_KV = H // GROUP
     Q_ROW = H * HEAD_DIM
@@ -449,18 +449,21 @@ def _bwd_dq_kernel(Q, R, K, V, GO, O_STAT, VBAR_STAT, LSE2, UBAR, TT, BB, DQ, DR
     # v_bar, unless this tile's first row sees fewer than STATS_MIN_KEYS keys or a saved value is unusable; then
     # recomputed over the keys. Loop bounds of zero skip that pass rather than a branch around it: Triton's pipeliner
     # gave up on every loop of the kernel (every wgmma waiting on the one before) when the loops sat inside an `if`.
-    o_saved = tl.load(O_STAT + q_off, mask=q_mask, other=0.0).to(tl.float32)  # o - v_0
-    v_bar_saved = tl.load(VBAR_STAT + q_off, mask=q_mask, other=0.0).to(tl.float32)  # v_bar - v_0
-    v_0 = tl.load(V + kv_start + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    g_v_0 = tl.sum(g.to(tl.float32) * v_0[None, :], 1)
-    t_saved = tl.sum(g.to(tl.float32) * o_saved, 1) + g_v_0
-    b_saved = tl.sum(g.to(tl.float32) * v_bar_saved, 1) + g_v_0
-    o_largest = tl.max(tl.max(tl.abs(o_saved), 1), 0)
-    v_bar_largest = tl.max(tl.max(tl.abs(v_bar_saved), 1), 0)
-    recompute = ((m0 + causal_off + 1 < STATS_MIN_KEYS) | (o_largest == float("inf")) | (o_largest < STAT_MIN)
-                 | (v_bar_largest == float("inf")) | (v_bar_largest < STAT_MIN))
-    stats_full = tl.where(recompute, n_full, 0)
-    stats_end = tl.where(recompute, n_end, 0)
+    if USE_STATS:
+        o_saved = tl.load(O_STAT + q_off, mask=q_mask, other=0.0).to(tl.float32)  # o - v_0
+        v_bar_saved = tl.load(VBAR_STAT + q_off, mask=q_mask, other=0.0).to(tl.float32)  # v_bar - v_0
+        v_0 = tl.load(V + kv_start + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        g_v_0 = tl.sum(g.to(tl.float32) * v_0[None, :], 1)
+        t_saved = tl.sum(g.to(tl.float32) * o_saved, 1) + g_v_0
+        b_saved = tl.sum(g.to(tl.float32) * v_bar_saved, 1) + g_v_0
+        o_largest = tl.max(tl.max(tl.abs(o_saved), 1), 0)
+        v_bar_largest = tl.max(tl.max(tl.abs(v_bar_saved), 1), 0)
+        recompute = ((m0 + causal_off + 1 < STATS_MIN_KEYS) | (o_largest == float("inf")) | (o_largest < STAT_MIN)
+                     | (v_bar_largest == float("inf")) | (v_bar_largest < STAT_MIN))
+        stats_full = tl.where(recompute, n_full, 0)
+        stats_end = tl.where(recompute, n_end, 0)
+    else:
+        stats_full, stats_end = n_full, n_end
     b_row = tl.zeros([BLOCK_M], dtype=tl.float32)
     t = tl.zeros([BLOCK_M], dtype=tl.float32)
     k_base = K + kv_start
@@ -478,8 +481,9 @@ def _bwd_dq_kernel(Q, R, K, V, GO, O_STAT, VBAR_STAT, LSE2, UBAR, TT, BB, DQ, DR
                                    True, PREC)
         k_base += BLOCK_N * KV_ROW
         v_base += BLOCK_N * KV_ROW
-    b_row = tl.where(recompute, b_row, b_saved)
-    t = tl.where(recompute, t, t_saved)
+    if USE_STATS:
+        b_row = tl.where(recompute, b_row, b_saved)
+        t = tl.where(recompute, t, t_saved)
     tl.store(TT + row_off, t, mask=row_ok)
     tl.store(BB + row_off, b_row, mask=row_ok)
 
@@ -697,16 +701,25 @@ def pv_mode(dtype: torch.dtype, T_q: int, T_k: int) -> int:
     return PV_CHOOSE.value if max(T_q, T_k) >= FP16_CHECK_MIN_LEN else PV_SPLIT.value
 
 
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the copies of o and v_bar (less v_0) that the forward saves for the backward's row statistics."""
-    return torch.float32 if dtype == torch.float32 else torch.float16
+def stat_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype of the copies of o and v_bar (less v_0) that the forward saves for the backward's row statistics, or
+    None where it saves none and the backward recomputes them everywhere. fp16 for bf16 inputs, whose backward rounds
+    dS to bf16 before its dots. None for fp16 and fp32 inputs: their backward rounds dS far less, and the mismatch
+    between saved statistics and its own p, u, a shows. fp16 inputs whose values and keys share offsets (v + 10, keys
+    + 5 times a common direction before normalising; T = 80, D = 16, 3 draws, under the interpreter) gave dq / dr
+    errors of 6.4e-3 / 6.7e-3 from fp16 copies, 6.9e-3 / 4.8e-3 from fp32 copies, 1.4e-3 / 1.4e-3 recomputed: the
+    forward's own fp16 P V dots, not the copies' rounding, set it. Whether bf16 inputs pay the same is what the H200
+    check's offset study measures.
+    """
+    return torch.float16 if dtype == torch.bfloat16 else None
 
 
 def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None, pv: int | None = None,
                  stats: torch.dtype | None = None, save_stats: bool = True):
     """Forward. Inputs contiguous `[B, T, H, D]` (k, v: `[B, T_k, H_kv, D]`); `pv` overrides `pv_mode` (tests:
     the interpreter cannot run bf16, so PV_CHOOSE is tested with fp16 inputs), `stats` overrides `stat_dtype` (tests:
-    fp16 copies of fp32 inputs); `save_stats=False` (no backward to follow) returns None for o_stat and v_bar_stat.
+    copies of fp32 inputs); `save_stats=False` (no backward to follow) saves no copies. Without copies o_stat and
+    v_bar_stat are empty placeholders, and `parallax_bwd` recomputes the row statistics everywhere.
 
     Returns `(o, lse2, u_bar, o_stat, v_bar_stat)`: o `[B, T_q, H, D]` in the input dtype; lse2 (= m + log2 l, in
     base-2 units of the logits c*log2(e)*q.k) and u_bar `[B, H, T_q]` fp32; o_stat and v_bar_stat `[B, T_q, H, D]` in
@@ -718,11 +731,13 @@ def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None,
     if stats not in (None, torch.float16, torch.float32):
         raise ValueError(f"stats must be torch.float16 or torch.float32 (the dq kernel guards fp16's range), got {stats}")
     o = torch.empty_like(q)
-    if save_stats:
-        o_stat = torch.empty_like(q, dtype=stat_dtype(q.dtype) if stats is None else stats)
+    stats = stat_dtype(q.dtype) if stats is None else stats
+    copies = save_stats and stats is not None
+    if copies:
+        o_stat = torch.empty_like(q, dtype=stats)
         v_bar_stat = torch.empty_like(o_stat)
     else:
-        o_stat = v_bar_stat = None
+        o_stat, v_bar_stat = q.new_empty(0), q.new_empty(0)  # two: a custom operator's outputs must not alias
     lse2 = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     u_bar = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     grid = lambda meta: (B * H, triton.cdiv(T_q, meta["BLOCK_M"]))  # noqa: E731
@@ -733,9 +748,9 @@ def parallax_fwd(q, r, k, v, scale: float, configs: KernelConfigs | None = None,
         v16 = fp16_copy(v)
     else:
         parts, n_parts, v16 = lse2, 0, v  # lse2: a pointer the kernel then never reads
-    stat_ptrs = (o_stat, v_bar_stat) if save_stats else (o, o)  # pointers the kernel then never writes
+    stat_ptrs = (o_stat, v_bar_stat) if copies else (o, o)  # pointers the kernel then never writes
     args = (q, r, k, v, v16, parts, n_parts, o, *stat_ptrs, lse2, u_bar, scale * _LOG2E, T_q, T_k, _tune_key(T_q, B * H))
-    _launch(_fwd_kernel, grid, args, _meta(q, k) | {"PV": pv, "SAVE_STATS": save_stats}, (configs or {}).get("fwd"))
+    _launch(_fwd_kernel, grid, args, _meta(q, k) | {"PV": pv, "SAVE_STATS": copies}, (configs or {}).get("fwd"))
     return o, lse2, u_bar, o_stat, v_bar_stat
 
 
@@ -750,6 +765,7 @@ def parallax_bwd(q, r, k, v, lse2, u_bar, o_stat, v_bar_stat, grad_o, scale: flo
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     configs = configs or {}
+    use_stats = o_stat.numel() > 0  # else no copies were saved (`parallax_fwd`)
     stat_min = _FP16_SMALLEST_NORMAL if o_stat.dtype == torch.float16 else 0.0
     meta = _meta(q, k)
     key = _tune_key(T_q, B * H)
@@ -759,7 +775,8 @@ def parallax_bwd(q, r, k, v, lse2, u_bar, o_stat, v_bar_stat, grad_o, scale: flo
     b = torch.empty(B, H, T_q, device=q.device, dtype=torch.float32)
     grid_q = lambda meta: (B * H, triton.cdiv(T_q, meta["BLOCK_M"]))  # noqa: E731
     args = (q, r, k, v, grad_o, o_stat, v_bar_stat, lse2, u_bar, t, b, dq, dr, scale, scale * _LOG2E, T_q, T_k, key)
-    _launch(_bwd_dq_kernel, grid_q, args, meta | {"STATS_MIN_KEYS": STATS_MIN_KEYS, "STAT_MIN": stat_min},
+    stats_meta = {"USE_STATS": use_stats, "STATS_MIN_KEYS": STATS_MIN_KEYS, "STAT_MIN": stat_min}
+    _launch(_bwd_dq_kernel, grid_q, args, meta | stats_meta,
             configs.get("dq"))
     grid_kv = lambda meta: (B * H_kv, triton.cdiv(T_k, meta["BLOCK_N"]))  # noqa: E731
     args = (q, r, k, v, grad_o, lse2, u_bar, t, b, dk, dv, scale, scale * _LOG2E, T_q, T_k, key)

@@ -29,9 +29,10 @@ def triton_fwd(q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 def _(q, r, k, v, scale):
     B, T_q, H, _ = q.shape
     stats = _kernels().stat_dtype(q.dtype)
+    shape = q.shape if stats else (0,)
+    copies = (q.new_empty(shape, dtype=stats or q.dtype), q.new_empty(shape, dtype=stats or q.dtype))
     row = (B, H, T_q)
-    return (torch.empty_like(q), q.new_empty(row, dtype=torch.float32), q.new_empty(row, dtype=torch.float32),
-            torch.empty_like(q, dtype=stats), torch.empty_like(q, dtype=stats))
+    return torch.empty_like(q), q.new_empty(row, dtype=torch.float32), q.new_empty(row, dtype=torch.float32), *copies
 
 
 @torch.library.custom_op("mad_parallax::triton_bwd", mutates_args=())

@@ -16,7 +16,10 @@ p, u, a and u_bar in fp32 (exact products, then rounded); dS and dU rounded to b
 with k, q and r, as the kernel's `ds.to(k.dtype)`. The reference is the same formulas in float64 without roundings.
 Variants of (b, t): `recomputed` (the kernel's pass), and g.v_bar, g.o from saved copies of v_bar and o in bf16
 (the official kernel), and in fp16 scaled per row by the row's largest |value| (so that nothing overflows), alone
-or with the first query tile's rows (which see the fewest keys) recomputed.
+or with the first query tile's rows (which see the fewest keys) recomputed, and (the kernel's choice for bf16 inputs)
+fp16 copies of o - v_0 and v_bar - v_0 (v_0: the first key's value, g.v_0 added back) with the first tile
+recomputed. `--offset V K` adds V to every value and K times a common unit-RMS direction to the keys before they
+are normalised: inputs that share offsets, where copies without the shift round at the offset's scale.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-VARIANTS = ("recomputed", "saved bf16", "saved fp16", "saved fp16, first tile recomputed")
+VARIANTS = ("recomputed", "saved bf16", "saved fp16", "saved fp16, first tile recomputed",
+            "saved fp16 less v_0, first tile recomputed")
 FIRST_TILE = 64  # rows 0..63: the query tile whose rows see the fewest keys
 TOLERANCE = 1e-2  # check_parallax_triton.py's bf16 tolerance
 LENGTHS = (2, 3, 4, 5, 6, 8, 12, 16, 32, 64, 128, 256)
@@ -50,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="random draws per (length, head dim, probe scale, q scale) (default: %(default)s)")
     p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="sequence lengths (>= 2: at length 1 "
                    "dq, dr and dk are 0 in exact arithmetic)")
+    p.add_argument("--offset", type=float, nargs=2, default=(0.0, 0.0), metavar=("V", "K"),
+                   help="value offset and key offset (see the docstring; default: none)")
     return p.parse_args(argv)
 
 
@@ -59,29 +65,35 @@ def _saved_fp16(x: torch.Tensor) -> torch.Tensor:
     return (x / scale).to(torch.float16).double() * scale
 
 
-def row_stats(variant: str, p, u, a, u_bar, g, o, v_bar) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, t) `[B, H, T, 1]` as `variant` computes them (fp32 values in float64 tensors)."""
+def row_stats(variant: str, p, u, a, u_bar, g, o, v_bar, v_0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, t) `[B, H, T, 1]` as `variant` computes them (fp32 values in float64 tensors); v_0 `[B, H, 1, D]`."""
     f32 = lambda x: x.float().double()  # noqa: E731
     pa = f32(f32(p) * f32(a))
     recomputed = f32(pa.sum(-1, keepdim=True)), f32((pa * (1 + f32(u_bar) - f32(u))).sum(-1, keepdim=True))
     if variant == "recomputed":
         return recomputed
     save = (lambda x: x.to(torch.bfloat16).double()) if variant == "saved bf16" else _saved_fp16
-    saved = f32((g * save(v_bar)).sum(-1, keepdim=True)), f32((g * save(o)).sum(-1, keepdim=True))
-    if variant == "saved fp16, first tile recomputed":
+    shift = v_0 if "less v_0" in variant else torch.zeros_like(v_0)
+    g_shift = f32((g * shift).sum(-1, keepdim=True))
+    saved = tuple(f32(f32((g * save(x - shift)).sum(-1, keepdim=True)) + g_shift) for x in (v_bar, o))
+    if "first tile recomputed" in variant:
         first = torch.arange(p.shape[-2])[:, None] < FIRST_TILE
         return tuple(torch.where(first, r, s) for r, s in zip(recomputed, saved))
     return saved
 
 
-def case_errors(T: int, D: int, r_scale: float, q_scale: float, seed: int, H: int = 2) -> dict[str, float]:
+def case_errors(T: int, D: int, r_scale: float, q_scale: float, seed: int, offset: tuple[float, float] = (0.0, 0.0),
+                H: int = 2) -> dict[str, float]:
     """Worst max-norm relative error of dq, dr, dk per variant for one random draw `[1, T, H, D]`."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda: torch.randn(1, H, T, D, generator=gen, dtype=torch.float64)  # noqa: E731
     bf16 = lambda x: x.to(torch.bfloat16).double()  # noqa: E731
-    q, k = bf16(q_scale * F.rms_norm(rnd(), (D,))), bf16(F.rms_norm(rnd(), (D,)))
+    q, k = bf16(q_scale * F.rms_norm(rnd(), (D,))), rnd()
     r = bf16(r_scale * F.rms_norm(rnd(), (D,)))
-    v, g = bf16(rnd()), bf16(rnd())
+    v, g = bf16(rnd() + offset[0]), bf16(rnd())
+    if offset[1]:
+        k = k + offset[1] * F.rms_norm(torch.randn(1, H, 1, D, generator=gen, dtype=torch.float64), (D,))
+    k = bf16(F.rms_norm(k, (D,)))
     c = D**-0.5
     visible = torch.ones(T, T, dtype=torch.bool).tril()
     p = torch.softmax((c * q @ k.mT).masked_fill(~visible, -math.inf), -1)
@@ -103,7 +115,7 @@ def case_errors(T: int, D: int, r_scale: float, q_scale: float, seed: int, H: in
     p32, u32, a32, ub32 = f32(p), f32(u), f32(a), f32(u_bar)
     errors = {}
     for variant in VARIANTS:
-        b, t = row_stats(variant, p, u, a, u_bar, g, o, v_bar)
+        b, t = row_stats(variant, p, u, a, u_bar, g, o, v_bar, v[:, :, :1])
         got = grads(p32, u32, a32, ub32, b, t, True)
         errors[variant] = max(((x - ref).abs().max() / ref.abs().max()).item() for x, ref in zip(got, exact))
     return errors
@@ -117,7 +129,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 for q_scale in LOGIT_SCALES:
                     for seed in range(args.seeds):
                         rows.append({"T": T, "D": D, "r_scale": r_scale, "q_scale": q_scale,
-                                     **case_errors(T, D, r_scale, q_scale, seed)})
+                                     **case_errors(T, D, r_scale, q_scale, seed, tuple(args.offset))})
     return rows
 
 
@@ -139,7 +151,7 @@ def report(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> str:
         f"- command: `{command}`",
         f"- cases: {len(rows)} (lengths {scales(args.lengths)}; head dims {scales(HEAD_DIMS)}; probes at "
         f"{scales(PROBE_SCALES)}x RMS; q at {scales(LOGIT_SCALES)}x RMS (peaked attention); {args.seeds} draws each; "
-        "B=1, H=2)",
+        f"B=1, H=2; value offset {args.offset[0]:g}, key offset {args.offset[1]:g})",
         "- error: max-norm relative error of dq, dr and dk against float64 (the worst of the three), as "
         "benchmarks/check_parallax_triton.py measures it; the emulated arithmetic is in the script's docstring",
         "",
@@ -162,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     text = report(run(args), args, argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "parallax_row_stats_emulation.md").write_text(text)
+    suffix = "" if not any(args.offset) else "_offset_v{:g}_k{:g}".format(*args.offset)
+    (out / f"parallax_row_stats_emulation{suffix}.md").write_text(text)
     print(text)
     return 0
 

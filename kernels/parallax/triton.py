@@ -22,14 +22,14 @@ backward's own p, u, a shows up as an error t * mu_k in dq. Rows that see few ke
 emulation (analysis/kernels/parallax_row_stats_emulation.md) put b and t from bf16 copies of o and v_bar at errors up
 to 0.66 at 2-4 keys, from fp16 copies up to 0.17, and from fp16 copies at 64 keys or more within 5.7e-3, as accurate
 as recomputing. The copies hold o and v_bar minus v_0, and the dq kernel adds g.v_0 back: where values share a large
-offset (v = 10 + N(0, 1)), plain copies round at the offset's scale, which offset keys then multiply into dr (several
-times the recomputed error in the same emulation extended to offsets); shifted copies round at the scale of the
-values' spread (v_0, one [D] vector per program, rather than each row's own value: loading that in the forward's
-epilogue made the D = 128 tiles spill). So the dq kernel takes b and t from the saved copies (a row-wise product each)
-in query tiles whose rows all see at least STATS_MIN_KEYS keys, and elsewhere recomputes them in a first pass over the
-keys from the same p, u and a it then uses (three extra dots per key tile); so it does too where a saved copy left
-fp16's range (inf) or where all of a tile's saved values lie below fp16's smallest normal number, where fp16 keeps too
-few bits. It stores b and t for the dk/dv kernel.
+offset (v = 10 + N(0, 1)), plain copies round at the offset's scale, which offset keys then multiply into dr (worst
+2.3x the recomputed error at 64+ keys: analysis/kernels/parallax_row_stats_emulation_offset_v10_k5.md); shifted copies
+round at the scale of the values' spread (v_0, one [D] vector per program, rather than each row's own value: loading
+that in the forward's epilogue made the D = 128 tiles spill). So the dq kernel takes b and t from the saved copies (a
+row-wise product each) in query tiles whose rows all see at least STATS_MIN_KEYS keys, and elsewhere recomputes them
+in a first pass over the keys from the same p, u and a it then uses (three extra dots per key tile); so it does too
+where a saved copy left fp16's range (inf) or where all of a tile's saved values lie below fp16's smallest normal
+number, where fp16 keeps too few bits. It stores b and t for the dk/dv kernel.
 
 For 16-bit inputs the forward's P V and (P*U) V dots need more than bf16's 8 bits of P and P*U: v_bar (1 + u_bar) - OR
 cancels when the probe scores are large, and one bf16 rounding of P*U put max-norm errors of ~1e-2 into o

@@ -578,8 +578,8 @@ def report(results: list[Result], peers: dict, versions: dict, device: str, prec
         else:
             lines.append(f"| {label} | {want} | {got:.2f} | {'yes' if ok(got) else 'NO'} | {'-' if ok(got) else short(got)} |")
     lines += ["", "Memory note: Parallax has one more input (r) and gradient (dr) than softmax attention, so part of "
-              "the gap is inherent to the operation; beyond the inputs ours saves two fp16 [B, T, H, D] copies (o and "
-              "v_bar, from which the backward takes its row statistics where rows see 64 keys or more).", ""]
+              "the gap is inherent to the operation; beyond the inputs ours saves, for bf16 inputs, two fp16 [B, T, H, D] "
+              "copies (o and v_bar, from which the backward takes its row statistics where rows see 64 keys or more).", ""]
     failures = [r for r in results if r.note]
     lines += ["## Failures and skipped rows", ""]
     lines += [f"- {r.section} {r.peer} {r.mode} B={r.B} L={r.L} H={r.H} D={r.D}: {r.note}" for r in failures]

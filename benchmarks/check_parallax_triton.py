@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
     def check(spec: Spec) -> dict:
         dtype = dtypes[spec.dtype]
-        gen = torch.Generator(device=device).manual_seed(args.seed * 100_003 + (spec.inputs_of or spec.idx))
+        gen = torch.Generator(device=device).manual_seed(args.seed * 100_003 + (spec.idx if spec.inputs_of is None else spec.inputs_of))
 
         def randn(*shape):
             return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)

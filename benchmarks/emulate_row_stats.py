@@ -4,12 +4,13 @@ float64 emulation of the Triton backward's arithmetic on the CPU (no GPU, no Tri
     PYTHONPATH=. python benchmarks/emulate_row_stats.py [--out analysis/kernels/] [--seeds 4]
 
 dS = p [a - t + (u_bar - u)(a - b)] and dU = -p (a - b) sum to zero over each row's keys, so dq, dr and dk are sums of
-terms that cancel, and any mismatch between b, t and the p, u, a that the backward recomputes is amplified.
-The Triton kernel used to compute b and t in a first pass over the keys from those very p, u, a (three extra dots
-per key tile of the dq kernel). The alternative, which the official Parallax kernel takes, saves o and v_bar from the
-forward and computes b and t elementwise, dropping that pass; `kernels/parallax/triton.py` now does so with fp16
-copies (less the first key's value) where a query tile's rows all see 64 keys or more, as this table suggested. This script measures what each source of
-(b, t) costs in accuracy, with the error measure and the 1e-2 bf16 tolerance of benchmarks/check_parallax_triton.py.
+terms that cancel, and any mismatch between b, t and the p, u, a that the backward recomputes is amplified. The Triton
+kernel used to compute b and t in a first pass over the keys from those very p, u, a (three extra dots per key tile of
+the dq kernel). The alternative, which the official Parallax kernel takes, saves o and v_bar from the forward and
+computes b and t elementwise, dropping that pass; `kernels/parallax/triton.py` now does so for bf16 inputs with fp16
+copies (less the first key's value) where a query tile's rows all see 64 keys or more, as this table suggested. This
+script measures what each source of (b, t) costs in accuracy, with the error measure and the 1e-2 bf16 tolerance of
+benchmarks/check_parallax_triton.py.
 
 Emulated arithmetic, per variant: bf16 inputs (RMS-normalised q, r, k; r scaled by 1, 4 or 8; normal v and g);
 p, u, a and u_bar in fp32 (exact products, then rounded); dS and dU rounded to bf16 before the fp32-accumulated dots

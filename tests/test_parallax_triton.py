@@ -68,6 +68,13 @@ def make_inputs(B, T, H, H_kv, D, dtype, T_k=None, r_scale=1.0, seed=0):
     return [x.to(dtype) for x in (q, r, k, v)], g.to(dtype)
 
 
+def reference_grads(q, r, k, v, g, scale=None):
+    """The float64 reference's output and its gradients in q, r, k, v for the output gradient g."""
+    leaves = [x.double().requires_grad_() for x in (q, r, k, v)]
+    out = reference_attention(*leaves, scale=scale)
+    return out, torch.autograd.grad(out, leaves, g.double())
+
+
 def run_and_compare(q, r, k, v, g, *, scale=None, configs=None, tri=None):
     """Errors of the output and of the four gradients against the float64 reference."""
     leaves = [x.clone().requires_grad_() for x in (q, r, k, v)]
@@ -76,9 +83,7 @@ def run_and_compare(q, r, k, v, g, *, scale=None, configs=None, tri=None):
     else:
         out = tri.parallax_attention_triton(*leaves, scale=scale, configs=configs)
     grads = torch.autograd.grad(out, leaves, g)
-    ref_leaves = [x.double().requires_grad_() for x in (q, r, k, v)]
-    ref = reference_attention(*ref_leaves, scale=scale)
-    ref_grads = torch.autograd.grad(ref, ref_leaves, g.double())
+    ref, ref_grads = reference_grads(q, r, k, v, g, scale)
     for x in (out, *grads):
         assert not torch.isnan(x).any(), "NaN: an output element was not written (or the math broke)"
     floor = 1e-2 * max(t.abs().max().item() for t in ref_grads)  # dq, dr, dk are exactly 0 when T_k == 1
@@ -162,9 +167,7 @@ def test_row_stats_outside_fp16s_normal_range_are_recomputed(tri, v_scale, why):
     largest = o_stat.float().abs().max().item()
     assert largest == float("inf") if v_scale > 1 else largest < 2.0**-14, why
     grads = _forward_backward(tri, q, r, k, v, g, stats=torch.float16)
-    ref_leaves = [x.double().requires_grad_() for x in (q, r, k, v)]
-    ref_grads = torch.autograd.grad(reference_attention(*ref_leaves), ref_leaves, g.double())
-    for name, got, want in zip(("dq", "dr", "dk", "dv"), grads, ref_grads):
+    for name, got, want in zip(("dq", "dr", "dk", "dv"), grads, reference_grads(q, r, k, v, g)[1]):
         assert rel_err(got, want, 0.0) < TOL[torch.float32], name
 
 
@@ -411,9 +414,7 @@ def test_saved_row_stats_stay_accurate_for_values_with_a_large_offset(tri):
     (q, r, k, v), g = make_inputs(1, 200, 2, 1, 16, torch.float32, seed=8)
     v = v + 50.0
     grads = _forward_backward(tri, q, r, k, v, g, stats=torch.float16)
-    ref_leaves = [x.double().requires_grad_() for x in (q, r, k, v)]
-    ref_grads = torch.autograd.grad(reference_attention(*ref_leaves), ref_leaves, g.double())
-    for name, got, want in zip(("dq", "dr", "dk", "dv"), grads, ref_grads):
+    for name, got, want in zip(("dq", "dr", "dk", "dv"), grads, reference_grads(q, r, k, v, g)[1]):
         assert rel_err(got, want, 0.0) < 1e-3, name
 
 
@@ -453,8 +454,8 @@ def test_row_stats_copies_are_fp16_or_fp32(tri):
 
 
 def test_custom_operators_pass_opcheck_in_fp16(tri):
-    """The fake (shape-only) implementations torch.compile traces agree with the kernels, the fp16 copies'
-    dtype included (torch.library.opcheck)."""
+    """The fake (shape-only) implementations torch.compile traces agree with the kernels, the empty placeholders
+    that fp16 inputs get instead of copies included (torch.library.opcheck)."""
     from kernels.parallax import triton_ops
 
     (q, r, k, v), g = make_inputs(1, 9, 2, 1, 16, torch.float16, seed=11)

@@ -159,6 +159,13 @@ def _load_kv_tile(k_base, v_base, kv_tile, d_ok, PADDED_D: tl.constexpr):
 
 
 @triton.jit
+def _first_value(V, kv_start, offs_d, d_ok):
+    """v_0 `[BLOCK_D]` fp32: V at the sequence's first key, the shift of the row statistics' copies; the forward
+    subtracts it and the dq kernel adds g.v_0 back, so both take it from here."""
+    return tl.load(V + kv_start + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _load_kv_edge_tile(k_base, v_base, kv_tile, offs_n, T_k, d_ok):
     """A K and a V tile that may run past the last key: rows beyond T_k (and padded lanes) load as 0."""
     kv_mask = (offs_n[:, None] < T_k) & d_ok[None, :]
@@ -360,7 +367,7 @@ def _fwd_kernel(Q, R, K, V, V16, RANGE_PARTS, n_parts, O, O_STAT, VBAR_STAT, LSE
     o = v_bar * (1.0 + u_bar[:, None]) - acc_or * inv_l[:, None]
     tl.store(O + q_off, o.to(O.dtype.element_ty), mask=q_mask)
     if SAVE_STATS:
-        v_0 = tl.load(V + kv_start + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        v_0 = _first_value(V, kv_start, offs_d, d_ok)[None, :]
         tl.store(O_STAT + q_off, (o - v_0).to(O_STAT.dtype.element_ty), mask=q_mask)
         tl.store(VBAR_STAT + q_off, (v_bar - v_0).to(VBAR_STAT.dtype.element_ty), mask=q_mask)
     row_off = pid_bh.to(tl.int64) * T_q + offs_m
@@ -452,7 +459,7 @@ def _bwd_dq_kernel(Q, R, K, V, GO, O_STAT, VBAR_STAT, LSE2, UBAR, TT, BB, DQ, DR
     if USE_STATS:
         o_saved = tl.load(O_STAT + q_off, mask=q_mask, other=0.0).to(tl.float32)  # o - v_0
         v_bar_saved = tl.load(VBAR_STAT + q_off, mask=q_mask, other=0.0).to(tl.float32)  # v_bar - v_0
-        v_0 = tl.load(V + kv_start + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        v_0 = _first_value(V, kv_start, offs_d, d_ok)
         g_v_0 = tl.sum(g.to(tl.float32) * v_0[None, :], 1)
         t_saved = tl.sum(g.to(tl.float32) * o_saved, 1) + g_v_0
         b_saved = tl.sum(g.to(tl.float32) * v_bar_saved, 1) + g_v_0
@@ -776,8 +783,7 @@ def parallax_bwd(q, r, k, v, lse2, u_bar, o_stat, v_bar_stat, grad_o, scale: flo
     grid_q = lambda meta: (B * H, triton.cdiv(T_q, meta["BLOCK_M"]))  # noqa: E731
     args = (q, r, k, v, grad_o, o_stat, v_bar_stat, lse2, u_bar, t, b, dq, dr, scale, scale * _LOG2E, T_q, T_k, key)
     stats_meta = {"USE_STATS": use_stats, "STATS_MIN_KEYS": STATS_MIN_KEYS, "STAT_MIN": stat_min}
-    _launch(_bwd_dq_kernel, grid_q, args, meta | stats_meta,
-            configs.get("dq"))
+    _launch(_bwd_dq_kernel, grid_q, args, meta | stats_meta, configs.get("dq"))
     grid_kv = lambda meta: (B * H_kv, triton.cdiv(T_k, meta["BLOCK_N"]))  # noqa: E731
     args = (q, r, k, v, grad_o, lse2, u_bar, t, b, dk, dv, scale, scale * _LOG2E, T_q, T_k, key)
     _launch(_bwd_dkv_kernel, grid_kv, args, meta, configs.get("dkv"))

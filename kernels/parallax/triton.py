@@ -817,6 +817,9 @@ class ParallaxTritonFunction(torch.autograd.Function):
         q, r, k, v, scale, configs = inputs
         _, *state = output
         ctx.mark_non_differentiable(*state)
+        # Autograd would otherwise hand backward zero-filled gradients of the state, two [B, T, H, D] among them:
+        # 128 MiB of zeros at B = 2, T = 16384, H = 16, D = 64 (analysis/kernels/parallax_train_bench.md).
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, r, k, v, *state)
         ctx.scale, ctx.configs = scale, configs
 

@@ -25,7 +25,9 @@ as recomputing. The copies hold o and v_bar minus v_0, and the dq kernel adds g.
 offset (v = 10 + N(0, 1)), plain copies round at the offset's scale, which offset keys then multiply into dr (worst
 2.3x the recomputed error at 64+ keys: analysis/kernels/parallax_row_stats_emulation_offset_v10_k5.md); shifted copies
 round at the scale of the values' spread (v_0, one [D] vector per program, rather than each row's own value: loading
-that in the forward's epilogue made the D = 128 tiles spill). So the dq kernel takes b and t from the saved copies (a
+that in the forward's epilogue made the D = 128 tiles spill). On the H200 the check's offset study (values + 10, keys
++ 3 to 5, bf16) found the copies as accurate as recomputing (worst ratio 1.06), and they made forward+backward 17 %
+faster at L >= 8k (analysis/kernels/parallax_triton_check.md, parallax_train_bench.md). So the dq kernel takes b and t from the saved copies (a
 row-wise product each) in query tiles whose rows all see at least STATS_MIN_KEYS keys, and elsewhere recomputes them
 in a first pass over the keys from the same p, u and a it then uses (three extra dots per key tile); so it does too
 where a saved copy left fp16's range (inf) or where all of a tile's saved values lie below fp16's smallest normal
@@ -715,8 +717,8 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype | None:
     between saved statistics and its own p, u, a shows. fp16 inputs whose values and keys share offsets (v + 10, keys
     + 5 times a common direction before normalising; T = 80, D = 16, 3 draws, under the interpreter) gave dq / dr
     errors of 6.4e-3 / 6.7e-3 from fp16 copies, 6.9e-3 / 4.8e-3 from fp32 copies, 1.4e-3 / 1.4e-3 recomputed: the
-    forward's own fp16 P V dots, not the copies' rounding, set it. Whether bf16 inputs pay the same is what the H200
-    check's offset study measures.
+    forward's own fp16 P V dots, not the copies' rounding, set it. bf16 inputs do not pay it: on the H200 the check's
+    offset study put their dq, dr, dk errors from the copies within 1.06x of the recomputed ones.
     """
     return torch.float16 if dtype == torch.bfloat16 else None
 

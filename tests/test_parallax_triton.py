@@ -445,6 +445,20 @@ def test_a_forward_without_backward_saves_no_copies(tri, monkeypatch):
     assert [x.numel() for x in tri.parallax_fwd(q, r, k, v, 0.25, stats=torch.float32, save_stats=False)[3:]] == [0, 0]
 
 
+def test_backward_gets_no_zero_filled_gradients_of_the_saved_state(tri, monkeypatch):
+    """Autograd hands backward no zeros for the state outputs (lse2, u_bar and the copies): materialized, the two
+    [B, T, H, D] copies took peak memory from 0.86x to 1.52x cuDNN softmax's at 16k on the H200."""
+    (q, r, k, v), g = make_inputs(1, 40, 2, 1, 16, torch.float32, seed=12)
+    seen = []
+    backward = tri.ParallaxTritonFunction.backward
+    monkeypatch.setattr(tri.ParallaxTritonFunction, "backward",
+                        staticmethod(lambda ctx, grad_o, *state: seen.append(state) or backward(ctx, grad_o, *state)))
+    inputs = [x.clone().requires_grad_() for x in (q, r, k, v)]
+    grads = torch.autograd.grad(tri.parallax_attention_triton(*inputs), inputs, g)
+    assert seen == [(None, None, None, None)]
+    assert all(torch.isfinite(x).all() for x in grads)
+
+
 def test_row_stats_copies_are_fp16_or_fp32(tri):
     """bf16 inputs save fp16 copies; fp16 and fp32 inputs none (their backward recomputes, `stat_dtype`)."""
     assert [tri.stat_dtype(d) for d in (torch.bfloat16, torch.float16, torch.float32)] == [torch.float16, None, None]

@@ -51,12 +51,14 @@ PV_NAMES = {ours.PV_PLAIN.value: "plain", ours.PV_FP16.value: "fp16", ours.PV_SP
 
 @dataclass
 class Resources:
-    """What one sm_90a binary uses: per-thread registers and spill bytes (ptxas), shared memory bytes (Triton), and
-    its wgmma (HGMMA) instructions with the waits among them (WARPGROUP.DEPBAR, from nvdisasm)."""
+    """What one sm_90a binary uses: per-thread registers and spill bytes (ptxas), whether ptxas serialized its wgmma
+    instructions (its C7515 note), shared memory bytes (Triton), and its wgmma (HGMMA) instructions with the waits
+    among them (WARPGROUP.DEPBAR, from nvdisasm)."""
 
     registers: int
     spill_stores: int
     spill_loads: int
+    serialized: bool
     shared: int
     wgmma: int
     wgmma_waits: int
@@ -90,8 +92,10 @@ def wgmma_counts(cubin: bytes) -> tuple[int, int]:
     return sass.stdout.count("HGMMA"), sass.stdout.count("WARPGROUP.DEPBAR")
 
 
-def resources(ptx: str) -> tuple[int, int, int]:
-    """(registers, spill-store bytes, spill-load bytes) that `ptxas -v` reports for sm_90a."""
+def resources(ptx: str) -> tuple[int, int, int, bool]:
+    """(registers, spill-store bytes, spill-load bytes, wgmma serialized) that `ptxas -v` reports for sm_90a. ptxas
+    serializes every wgmma of a kernel (each waits for the one before) when it finds one it cannot keep in flight
+    safely, and says so in a note numbered C7515, with the reason."""
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
@@ -102,7 +106,7 @@ def resources(ptx: str) -> tuple[int, int, int]:
         raise RuntimeError(f"ptxas failed: {report[-500:]}")
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    return int(registers.group(1)), int(spills.group(1)), int(spills.group(2))
+    return int(registers.group(1)), int(spills.group(1)), int(spills.group(2)), "C7515" in report
 
 
 def specialize(fn, args: dict[str, object], constexprs: dict) -> tuple[dict, dict, dict]:
@@ -245,7 +249,7 @@ def _label(block_m: int, block_n: int, warps: int, stages: int) -> str:
 def _row(b: Build) -> str:
     r = b.res
     return (f"| {b.kernel} | {b.head_dim} | {b.mode} | {b.config} | {r.registers} | {r.spill_stores} | "
-            f"{r.spill_loads} | {r.shared} | {r.wgmma} | {r.wgmma_waits} |")  # fmt: skip
+            f"{r.spill_loads} | {r.shared} | {r.wgmma} | {r.wgmma_waits} | {'yes' if r.serialized else 'no'} |")  # fmt: skip
 
 
 def official_version(folder: Path | None) -> str | None:
@@ -272,10 +276,13 @@ def markdown(rows: list[Build], command: str, seconds: float, official: str | No
         "most a thread can have) and the bytes each thread spills to local memory; shared memory from Triton's "
         "metadata; wgmma: the HGMMA instructions in the binary, waits: the WARPGROUP.DEPBAR among them (nvdisasm). "
         "As many waits as wgmmas means every tensor-core op waits for the one before it: none is overlapped with "
-        "another or with the softmax arithmetic. The device's Triton may build differently from this one.", "",
+        "another or with the softmax arithmetic; serialized: ptxas's note C7515 says it serialized them (the reason "
+        "it gives for our forward, before its loops ran the diagonal tiles first: accumulator registers defined by "
+        "non-wgmma instructions within a pipeline stage). The device's Triton may build differently from this one.",
+        "",
         "| kernel | D | P V mode | tile, warps, stages | registers | spill stores (B) | spill loads (B) | "
-        "shared memory (B) | wgmma | waits |",
-        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "shared memory (B) | wgmma | waits | serialized |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         *[_row(b) for b in rows], ""])  # fmt: skip
 
 

@@ -368,8 +368,31 @@ def test_register_report_builds_for_sm90_on_the_cpu(tmp_path):
     rows = [line for line in (tmp_path / "parallax_train_registers.md").read_text().splitlines()
             if line.startswith("| dq |")]  # fmt: skip
     assert len(rows) == 1
-    registers, stores, loads, _, wgmma, waits = (int(cell) for cell in rows[0].strip("|").split("|")[4:10])
-    assert 0 < registers <= 255 and stores >= 0 and loads >= 0 and 0 <= waits <= wgmma
+    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    registers, stores, loads, _, wgmma, waits = (int(cell) for cell in cells[4:10])
+    assert 0 < registers <= 255 and stores >= 0 and loads >= 0 and 0 <= waits <= wgmma and cells[10] in ("yes", "no")
+
+
+def test_the_long_sequence_forward_keeps_its_wgmma_in_flight(tmp_path):
+    """Built for the H200, the bf16 forward at L >= FP16_CHECK_MIN_LEN (both sweeps of PV_CHOOSE in one kernel) is
+    not serialized by ptxas: with its full key tiles before the diagonal ones, or its sweeps inside a branch, every
+    tensor-core op waited for the one before (80 waits for 80 wgmma at D = 64, 128x64 tiles)."""
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not ((tools / "ptxas").exists() and (tools / "nvdisasm").exists()):
+        pytest.skip(f"this Triton build ships no ptxas and nvdisasm in {tools}, which the build report needs")
+    code = """
+from benchmarks.kernel_registers import build, our_launches
+from kernels.parallax.triton import PV_CHOOSE
+((_, _, fn, args),) = [l for l in our_launches(64) if l[0] == "fwd" and l[3]["PV"] == PV_CHOOSE.value]
+given = {p.name: args[p.name] for p in fn.params if p.is_constexpr and p.name in args}
+res = build(fn, args, given | {"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+print(res.serialized, res.wgmma, res.wgmma_waits)
+"""
+    (tmp_path / "fwd_build.py").write_text(code)
+    proc = _script(str(tmp_path / "fwd_build.py"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    serialized, wgmma, waits = proc.stdout.split()[-3:]
+    assert serialized == "False" and int(waits) < int(wgmma) / 2, proc.stdout
 
 
 def test_register_report_refuses_a_malformed_tile():

@@ -220,31 +220,31 @@ def _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m, offs_n,
 
 @triton.jit
 def _fwd_sweep(q, r, k_base, v_base, kv_tile, d_ok, u_shift, offs_m, m0, causal_off, T_k, qk_scale2, KV_ROW,
+               m_i, l_i, r_i, acc_o, acc_or, active,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                PREC: tl.constexpr, PV: tl.constexpr):
-    """One query tile's pass over its visible K/V tiles; returns the fp32 state (m, l, R, O, OR)."""
+    """One query tile's pass over its visible K/V tiles, continuing the fp32 state (m, l, R, O, OR); a sweep that is
+    not `active` has empty loops and returns the state as it came."""
     arange_n = tl.arange(0, BLOCK_N)
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row gives alpha = P = 0, never NaN
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc_or = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    # Key tiles entirely visible to every row of this query tile: j <= m0 + causal_off (< T_k).
-    n_full = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N
+    n_full = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N  # key tiles below it are visible to every row of the tile
+    n_end = tl.minimum(T_k, m0 + BLOCK_M + causal_off)
+    n_full = tl.where(active, n_full, 0)
+    n_end = tl.where(active, n_end, 0)
+    # The tiles crossing the diagonal or the end of the keys come first: with the full tiles first, ptxas
+    # serialized every wgmma of the kernel (C7515, accumulators defined between the two loops' stages).
+    k_edge = k_base + n_full * KV_ROW
+    v_edge = v_base + n_full * KV_ROW
+    for start_n in range(n_full, n_end, BLOCK_N):
+        offs_n = start_n + arange_n
+        k, v = _load_kv_edge_tile(k_edge, v_edge, kv_tile, offs_n, T_k, d_ok)
+        m_i, l_i, r_i, acc_o, acc_or = _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m, offs_n,
+                                                 causal_off, T_k, qk_scale2, True, PREC, PV)
+        k_edge += BLOCK_N * KV_ROW
+        v_edge += BLOCK_N * KV_ROW
     for start_n in range(0, n_full, BLOCK_N):
         k, v = _load_kv_tile(k_base, v_base, kv_tile, d_ok, BLOCK_D != HEAD_DIM)
         m_i, l_i, r_i, acc_o, acc_or = _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m,
                                                  start_n + arange_n, causal_off, T_k, qk_scale2, False, PREC, PV)
-        k_base += BLOCK_N * KV_ROW
-        v_base += BLOCK_N * KV_ROW
-    # Tiles crossing the diagonal or the end of the keys.
-    n_end = tl.minimum(T_k, m0 + BLOCK_M + causal_off)
-    for start_n in range(n_full, n_end, BLOCK_N):
-        offs_n = start_n + arange_n
-        k, v = _load_kv_edge_tile(k_base, v_base, kv_tile, offs_n, T_k, d_ok)
-        m_i, l_i, r_i, acc_o, acc_or = _fwd_step(q, r, k, v, m_i, l_i, r_i, acc_o, acc_or, u_shift, offs_m, offs_n,
-                                                 causal_off, T_k, qk_scale2, True, PREC, PV)
         k_base += BLOCK_N * KV_ROW
         v_base += BLOCK_N * KV_ROW
     return m_i, l_i, r_i, acc_o, acc_or
@@ -345,23 +345,27 @@ def _fwd_kernel(Q, R, K, V, V16, RANGE_PARTS, n_parts, O, O_STAT, VBAR_STAT, LSE
     k_diag = tl.load(K + kv_start + diag[:, None] * KV_ROW + offs_d[None, :], mask=q_mask, other=0.0)
     u_shift = tl.sum(r.to(tl.float32) * k_diag.to(tl.float32), 1)
 
-    # PV_CHOOSE's branch is uniform per program and outside the loops, so each loop body stays branch-free; the
-    # other modes compile one sweep only (two pipelined sweeps in one kernel can exceed shared memory). Its fp16
-    # sweep streams V16, converted once before the launch: a V tile converted inside the loop is no longer a dot
-    # operand straight from shared memory.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row gives alpha = P = 0, never NaN
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_or = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # PV_CHOOSE compiles both sweeps, one after the other, and gives the one this program does not take empty loops
+    # (`active`): with the sweeps in the two arms of a branch, ptxas serialized every wgmma of the kernel (its note
+    # C7515; benchmarks/kernel_registers.py). Its fp16 sweep streams V16, converted once before the launch: a V tile
+    # converted inside the loop is no longer a dot operand straight from shared memory.
     if PV == PV_CHOOSE:
-        if _fp16_fits(RANGE_PARTS, b * H_KV + h // GROUP, n_parts):
-            m_i, l_i, r_i, acc_o, acc_or = _fwd_sweep(q, r, k_base, V16 + kv_start, kv_tile, d_ok, u_shift, offs_m,
-                                                      m0, causal_off, T_k, qk_scale2, KV_ROW, BLOCK_M, BLOCK_N,
-                                                      BLOCK_D, HEAD_DIM, PREC, PV_FP16)  # fmt: skip
-        else:
-            m_i, l_i, r_i, acc_o, acc_or = _fwd_sweep(q, r, k_base, v_base, kv_tile, d_ok, u_shift, offs_m, m0,
-                                                      causal_off, T_k, qk_scale2, KV_ROW, BLOCK_M, BLOCK_N, BLOCK_D,
-                                                      HEAD_DIM, PREC, PV_SPLIT)  # fmt: skip
+        fits = _fp16_fits(RANGE_PARTS, b * H_KV + h // GROUP, n_parts)
+        m_i, l_i, r_i, acc_o, acc_or = _fwd_sweep(q, r, k_base, V16 + kv_start, kv_tile, d_ok, u_shift, offs_m, m0,
+                                                  causal_off, T_k, qk_scale2, KV_ROW, m_i, l_i, r_i, acc_o, acc_or,
+                                                  fits, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, PV_FP16)
+        m_i, l_i, r_i, acc_o, acc_or = _fwd_sweep(q, r, k_base, v_base, kv_tile, d_ok, u_shift, offs_m, m0,
+                                                  causal_off, T_k, qk_scale2, KV_ROW, m_i, l_i, r_i, acc_o, acc_or,
+                                                  not fits, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, PV_SPLIT)
     else:
-        m_i, l_i, r_i, acc_o, acc_or = _fwd_sweep(q, r, k_base, v_base, kv_tile, d_ok, u_shift, offs_m, m0, causal_off,
-                                                  T_k, qk_scale2, KV_ROW, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, PREC,
-                                                  PV)  # fmt: skip
+        m_i, l_i, r_i, acc_o, acc_or = _fwd_sweep(q, r, k_base, v_base, kv_tile, d_ok, u_shift, offs_m, m0,
+                                                  causal_off, T_k, qk_scale2, KV_ROW, m_i, l_i, r_i, acc_o, acc_or,
+                                                  True, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, PV)
 
     inv_l = 1.0 / l_i
     v_bar = acc_o * inv_l[:, None]

@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.bench_epoch import protocol_minutes, stack_epoch_seconds  # noqa: E402
 from mad.archive import read_records  # noqa: E402
+from mad.leaderboard import setting_label  # noqa: E402
 from mad.tasks.grid import LEARNING_RATES, WEIGHT_DECAYS, mad_settings  # noqa: E402
 
 EPOCHS = 200
@@ -99,7 +100,34 @@ def cost_by_length(prices: list[dict], epochs: dict[tuple, int]) -> dict[int, di
     return {length: dict(table[length]) for length in sorted(table)}
 
 
-def markdown(args: argparse.Namespace, argv: list[str], table: dict, prices: list[dict], n_records: int) -> str:
+def still_to_run(prices: list[dict], epochs: dict[tuple, int]) -> list[tuple[str, str, int, int, float]]:
+    """(task, setting label, L, grid points without a record, GPU-seconds of one stack of them at 200 epochs) per
+    setting with any such point, the costliest first: what is left to plan calls around."""
+    rows = []
+    for task, setting in mad_settings():
+        missing = sum((task, _setting_key(setting), float(lr), float(wd)) not in epochs
+                      for lr in LEARNING_RATES for wd in WEIGHT_DECAYS)  # fmt: skip
+        if missing:
+            run_epoch_s = stack_epoch_seconds(prices, setting) / int(prices[0]["runs"])
+            rows.append((task, setting_label(task, setting), setting["seq_len"], missing, missing * EPOCHS * run_epoch_s))
+    return sorted(rows, key=lambda row: -row[4])
+
+
+def _still_to_run_lines(rows: list[tuple[str, str, int, int, float]]) -> list[str]:
+    if not rows:
+        return ["## Settings still to run", "", "None: every grid point has a record.", ""]
+    return [
+        "## Settings still to run", "",
+        "Each as one stack of its runs without a record, priced as above at 200 epochs on a GPU of its own; beside other "
+        "stacks on the same GPU it takes longer, and a stack that stops early (every run done) takes less.", "",
+        "| task | setting | L | grid points to run | one stack at 200 epochs, GPU-minutes |",
+        "| --- | --- | ---: | ---: | ---: |",
+        *[f"| {task} | {label} | {length} | {missing} | {seconds / 60:.1f} |" for task, label, length, missing, seconds in rows],
+        ""]  # fmt: skip
+
+
+def markdown(args: argparse.Namespace, argv: list[str], table: dict, prices: list[dict], n_records: int,
+             remaining: list[tuple[str, str, int, int, float]]) -> str:
     totals: dict[str, float] = defaultdict(float)
     rows = []
     for length, row in table.items():
@@ -130,7 +158,7 @@ def markdown(args: argparse.Namespace, argv: list[str], table: dict, prices: lis
         f"{TARGET_GPU_MINUTES}",
         f"- the runs with a record trained {stopped:.0%} of their 200 epochs",
         "- grid points still to run count their 200 epochs, so the total is an upper bound while any remain",
-        ""])  # fmt: skip
+        "", *_still_to_run_lines(remaining)])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         records = read_records(args.records)
     except ValueError as e:
         sys.exit(f"protocol_cost: {e}")
-    table = cost_by_length(prices, recorded_epochs(records, args.attention, args.optimizer))
-    text = markdown(args, argv, table, prices, len(records))
+    epochs = recorded_epochs(records, args.attention, args.optimizer)
+    text = markdown(args, argv, cost_by_length(prices, epochs), prices, len(records), still_to_run(prices, epochs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -10,7 +10,7 @@ import pytest
 
 from mad.archive import pack
 from mad.results import RECORD_NAME
-from mad.tasks.grid import mad_settings
+from mad.tasks.grid import LEARNING_RATES, WEIGHT_DECAYS, mad_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +66,25 @@ def test_the_cost_counts_recorded_epochs_and_the_most_for_the_rest(tmp_path):
     assert f"**{minutes:.0f} GPU-minutes** with the early stopping" in text
     assert f"{protocol_minutes(prices):.0f} without early stopping" in text
     assert "the runs with a record trained 25% of their 200 epochs" in text
+    left = text[text.index("## Settings still to run"):].splitlines()
+    rows = [line.split(" | ") for line in left if line.startswith("| ") and not line.startswith(("| task", "| ---"))]
+    assert len(rows) == len(mad_settings()) and rows[0][2] == "1024"  # every setting; the longest cost the most
+    baseline = next(row for row in rows if row[0] == f"| {task}" and row[1] == "baseline")
+    assert baseline[3] == "5" and baseline[4] == f"{5 * 200 * run_epoch_s / 60:.1f} |"  # one of its six has a record
+
+
+def test_nothing_is_left_to_run_once_every_grid_point_has_a_record(tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, (task, setting) in enumerate(mad_settings()):
+        for j, (lr, wd) in enumerate((lr, wd) for lr in LEARNING_RATES for wd in WEIGHT_DECAYS):
+            (sweep / f"{i}_{j}").mkdir(parents=True)
+            (sweep / f"{i}_{j}" / RECORD_NAME).write_text(json.dumps(_record(task, setting, lr, wd, 10)))
+    pack(sweep, tmp_path / "records.tar.gz")
+    _prices(tmp_path / "epochs.csv")
+    out = tmp_path / "cost.md"
+    protocol_cost.main(["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / "epochs.csv"),
+                        "--attention", "softmax", "--optimizer", "adamw", "--out", str(out)])  # fmt: skip
+    assert "## Settings still to run\n\nNone: every grid point has a record." in out.read_text()
 
 
 def test_prices_of_another_attention_or_another_file_are_refused(tmp_path):

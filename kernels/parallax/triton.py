@@ -233,8 +233,9 @@ def _fwd_sweep(q, r, k_base, v_base, kv_tile, d_ok, u_shift, offs_m, m0, causal_
     n_end = tl.where(active, n_end, 0)
     # The tiles crossing the diagonal or the end of the keys come first: with the full tiles first, ptxas
     # serialized every wgmma of the kernel (C7515, accumulators defined between the two loops' stages).
-    k_edge = k_base + n_full * KV_ROW
-    v_edge = v_base + n_full * KV_ROW
+    edge_start = n_full.to(tl.int64) * KV_ROW  # int64: n_full * KV_ROW passes 2^31 at a million keys of 2048 lanes
+    k_edge = k_base + edge_start
+    v_edge = v_base + edge_start
     for start_n in range(n_full, n_end, BLOCK_N):
         offs_n = start_n + arange_n
         k, v = _load_kv_edge_tile(k_edge, v_edge, kv_tile, offs_n, T_k, d_ok)

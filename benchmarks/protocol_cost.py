@@ -79,24 +79,31 @@ def _setting_key(setting: dict) -> tuple:
     return tuple(sorted(setting.items()))
 
 
+def grid_points(prices: list[dict], epochs: dict[tuple, int]):
+    """Per MAD setting: (task, setting, GPU-seconds of one run-epoch, the recorded epochs of each lr x wd point or
+    None where it has no record)."""
+    for task, setting in mad_settings():
+        run_epoch_s = stack_epoch_seconds(prices, setting) / int(prices[0]["runs"])
+        done = [epochs.get((task, _setting_key(setting), float(lr), float(wd)))
+                for lr in LEARNING_RATES for wd in WEIGHT_DECAYS]  # fmt: skip
+        yield task, setting, run_epoch_s, done
+
+
 def cost_by_length(prices: list[dict], epochs: dict[tuple, int]) -> dict[int, dict[str, float]]:
     """Per sequence length: settings, grid points, those with a record, their run-epochs, and the GPU-seconds of
     those and of the grid points still to run (at 200 epochs)."""
     table: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for task, setting in mad_settings():
+    for _task, setting, run_epoch_s, done in grid_points(prices, epochs):
         row = table[setting["seq_len"]]
         row["settings"] += 1
-        run_epoch_s = stack_epoch_seconds(prices, setting) / int(prices[0]["runs"])
-        for lr in LEARNING_RATES:
-            for wd in WEIGHT_DECAYS:
-                row["points"] += 1
-                done = epochs.get((task, _setting_key(setting), float(lr), float(wd)))
-                if done is None:
-                    row["to_run_s"] += EPOCHS * run_epoch_s
-                else:
-                    row["recorded"] += 1
-                    row["recorded_epochs"] += done
-                    row["recorded_s"] += done * run_epoch_s
+        for point_epochs in done:
+            row["points"] += 1
+            if point_epochs is None:
+                row["to_run_s"] += EPOCHS * run_epoch_s
+            else:
+                row["recorded"] += 1
+                row["recorded_epochs"] += point_epochs
+                row["recorded_s"] += point_epochs * run_epoch_s
     return {length: dict(table[length]) for length in sorted(table)}
 
 
@@ -104,11 +111,9 @@ def still_to_run(prices: list[dict], epochs: dict[tuple, int]) -> list[tuple[str
     """(task, setting label, L, grid points without a record, GPU-seconds of one stack of them at 200 epochs) per
     setting with any such point, the costliest first: what is left to plan calls around."""
     rows = []
-    for task, setting in mad_settings():
-        missing = sum((task, _setting_key(setting), float(lr), float(wd)) not in epochs
-                      for lr in LEARNING_RATES for wd in WEIGHT_DECAYS)  # fmt: skip
+    for task, setting, run_epoch_s, done in grid_points(prices, epochs):
+        missing = done.count(None)
         if missing:
-            run_epoch_s = stack_epoch_seconds(prices, setting) / int(prices[0]["runs"])
             rows.append((task, setting_label(task, setting), setting["seq_len"], missing, missing * EPOCHS * run_epoch_s))
     return sorted(rows, key=lambda row: -row[4])
 

@@ -9,7 +9,8 @@ Peers (each optional; skipped with the reason if it does not import or fails):
   reference kernels.parallax.reference (PyTorch, materialises [T, T]; small shapes only)
 
 bf16; grid batch {1,2,4,8} x seq {1k..16k} with batch*seq <= 32k, heads 8 and 16, head_dim 64 and 128; the MAD
-shapes (16 heads of dim 8, batch 128, seq 128..1024); peak memory of forward+backward at the largest shapes.
+shapes (16 heads of dim 8, batch 128, seq 128..1024); peak memory of forward+backward at batch 2, 16 heads and seq
+4k, 8k and 16k (its growth with seq says whether anything grows as seq^2).
 Times are medians of `triton.testing.do_bench` (L2 flushed each call) after warm-up; every layout conversion
 happens outside the timed call. Autotuned kernels (ours, official) are compiled up front in parallel threads.
 
@@ -42,11 +43,13 @@ GRID_BATCHES = (1, 2, 4, 8)
 GRID_LENS = (1024, 2048, 4096, 8192, 16384)
 MAX_TOKENS = 32768
 MAD_SHAPES = [(128, L, 16, 8) for L in (128, 256, 512, 1024)]  # (B, L, H, D)
-MEM_SHAPES = [(MAX_TOKENS // 16384, 16384, 16, D) for D in GRID_DIMS]  # the largest grid shapes
+MEM_LENS = (4096, 8192, 16384)  # linear growth: peak(16k) / peak(4k) = 4; an L x L buffer would make it 16
+MEM_SHAPES = [(MAX_TOKENS // 16384, L, 16, D) for D in GRID_DIMS for L in MEM_LENS]  # the last: the largest grid shapes
 REF_MAIN_MAX_LEN = 2048
 PRECHECK_SHAPE = (1, 512, 4)  # (B, L, H) of the correctness pre-check, at every head_dim
 REF_MAX_SCORES = 1 << 30  # B * H * L^2 cap for the fp32 reference (each [B, H, L, L] tensor is 4 GiB at the cap)
-TARGETS = {"speedup_vs_official": 1.2, "ratio_vs_cudnn_long": 2.0, "memory_vs_softmax_16k": 1.25}
+TARGETS = {"speedup_vs_official": 1.2, "ratio_vs_cudnn_long": 2.0, "memory_vs_softmax_16k": 1.25,
+           "memory_growth_4k_to_16k": 4.4}  # 4 when linear in L; 10 % for what does not grow with it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -534,10 +537,26 @@ def report(results: list[Result], peers: dict, versions: dict, device: str, prec
             if r is None:
                 continue
             rel = {b: (r.value / x.value if x and math.isfinite(x.value) and x.value > 0 else float("nan")) for b, x in base.items()}
-            if n == "ours":  # against the leaner of the two softmax backends that ran
+            if n == "ours" and L == MEM_LENS[-1]:  # against the leaner of the two softmax backends that ran
                 finite = [x for x in rel.values() if math.isfinite(x)]
                 mem_ratio[(B, L, H, D)] = max(finite) if finite else float("nan")
             lines.append(f"| {B} | {L} | {H} | {D} | {n} | {fmt(r)} | {rel['cudnn']:.2f} | {rel['flash']:.2f} |")
+
+    growth = {}  # (peer, D) -> peak at the longest / peak at the shortest length of MEM_LENS
+    for (B, L, H, D) in sorted({(r.B, r.L, r.H, r.D) for r in results if r.section == "mem" and r.L == MEM_LENS[-1]}):
+        for n in names:
+            hi, lo = get("mem", B, L, H, D, n, "peak_mem"), get("mem", B, MEM_LENS[0], H, D, n, "peak_mem")
+            if hi and lo and math.isfinite(hi.value) and math.isfinite(lo.value) and lo.value > 0:
+                growth[(n, D)] = hi.value / lo.value
+    if growth:
+        dims = sorted({d for _, d in growth})
+        lines += ["", f"Peak memory at L = {MEM_LENS[-1]} over peak memory at L = {MEM_LENS[0]} (same B, H, D): "
+                  f"{MEM_LENS[-1] // MEM_LENS[0]} when it grows linearly in L, {(MEM_LENS[-1] // MEM_LENS[0]) ** 2} "
+                  "when quadratically.", "", "| peer | " + " | ".join(f"D = {d}" for d in dims) + " |",
+                  "| --- | " + " | ".join("---:" for _ in dims) + " |"]
+        for n in names:
+            if any((n, d) in growth for d in dims):
+                lines.append(f"| {n} | " + " | ".join(f"{growth[(n, d)]:.2f}" if (n, d) in growth else "-" for d in dims) + " |")
 
     # Summary against the targets.
     def ratios(num, den, mode, cond=lambda s: True):
@@ -571,6 +590,9 @@ def report(results: list[Result], peers: dict, versions: dict, device: str, prec
          lambda x: x <= TARGETS["ratio_vs_cudnn_long"], lambda x: f"{x / TARGETS['ratio_vs_cudnn_long']:.2f}x too slow"),
         ("peak memory vs softmax (leaner of cuDNN, flash) at 16k, worst", f"<= {TARGETS['memory_vs_softmax_16k']}", mem_worst,
          lambda x: x <= TARGETS["memory_vs_softmax_16k"], lambda x: f"{x / TARGETS['memory_vs_softmax_16k']:.2f}x too much"),
+        (f"peak memory growth from L = {MEM_LENS[0]} to {MEM_LENS[-1]}, ours, worst D", f"<= {TARGETS['memory_growth_4k_to_16k']}",
+         max((g for (n, _), g in growth.items() if n == "ours"), default=float("nan")),
+         lambda x: x <= TARGETS["memory_growth_4k_to_16k"], lambda x: f"{x / TARGETS['memory_growth_4k_to_16k']:.2f}x too much"),
     ]
     for label, want, got, ok, short in checks:
         if not math.isfinite(got):

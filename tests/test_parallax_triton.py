@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import kernels.parallax as parallax_pkg
 from kernels.parallax import parallax_attention
@@ -500,3 +502,39 @@ def test_custom_operators_pass_opcheck_in_fp16(tri):
     state = tri.parallax_fwd(q, r, k, v, 0.25)[1:]
     torch.library.opcheck(triton_ops.triton_bwd, (q, r, k, v, *state, g, 0.25),
                           test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+
+
+class _NewStorages(TorchDispatchMode):
+    """Bytes of every storage the torch ops run under it return that was not there before (by data pointer)."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.seen = {t.untyped_storage().data_ptr() for t in existing}
+        self.nbytes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                self.seen.add(t.untyped_storage().data_ptr())
+                self.nbytes.append(t.untyped_storage().nbytes())
+        return out
+
+
+def _forward_backward_allocations(tri, T):
+    """(largest, total) bytes of the storages one forward+backward creates at length T, saved copies on."""
+    (q, r, k, v), g = make_inputs(1, T, 2, 1, 16, torch.float16, seed=13)
+    inputs = [x.clone().requires_grad_() for x in (q, r, k, v)]
+    with _NewStorages([*inputs, g]) as new:
+        torch.autograd.grad(tri.parallax_attention_triton(*inputs), inputs, g)
+    return max(new.nbytes), sum(new.nbytes)
+
+
+def test_forward_backward_memory_grows_linearly_in_length(tri, monkeypatch):
+    """No L x L buffer: from T = 64 to 256 the largest storage forward+backward creates and their total grow 4x
+    (an fp32 [T, T] score tile per head would grow 16x and, at 256 keys, outweigh every [T, H, D] tensor 8x).
+    Triton kernels allocate nothing themselves; the host wrappers' torch ops are what is counted."""
+    monkeypatch.setattr(tri, "stat_dtype", lambda dtype: torch.float16)  # the bf16 path: the two copies too
+    (big_64, total_64), (big_256, total_256) = (_forward_backward_allocations(tri, T) for T in (64, 256))
+    assert big_256 <= 4 * big_64 and total_256 <= 4.2 * total_64, (big_64, total_64, big_256, total_256)
+    assert big_256 <= 256 * 2 * 16 * 4  # one fp32 [T, H, D] tensor

@@ -100,6 +100,42 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class TilePick:
+    """The tile one of our autotuned kernels settled on for one autotuning key (HEAD_DIM, TUNE_KEY, dtype)."""
+    kernel: str  # "fwd" | "dq" | "dkv"
+    head_dim: int
+    tune_key: int  # kernels.parallax.triton._tune_key: 2 * ceil(log2 T_q) (clamped to 7..14) + (B * H >= 64)
+    dtype: str
+    tile: str  # "BLOCK_MxBLOCK_N, warps, stages"
+
+
+def autotune_picks(tuners: dict) -> list[TilePick]:
+    """What each of `tuners` ({kernel name: triton Autotuner}) chose, from its cache of (key -> Config)."""
+    picks = []
+    for kernel, tuner in tuners.items():
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            tile = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}, {cfg.num_warps}w, {cfg.num_stages}s"
+            picks.append(TilePick(kernel, int(key[0]), int(key[1]), str(key[2]).replace("torch.", ""), tile))
+    return sorted(picks, key=lambda p: (p.head_dim, p.tune_key, p.dtype, ("fwd", "dq", "dkv").index(p.kernel)))
+
+
+def picks_section(picks: list[TilePick]) -> list[str]:
+    """Markdown lines: one row per (head_dim, length bucket, B*H class, dtype), a column per kernel."""
+    if not picks:
+        return []
+    rows: dict[tuple, dict[str, str]] = {}
+    for p in picks:
+        rows.setdefault((p.head_dim, p.tune_key // 2, p.tune_key % 2, p.dtype), {})[p.kernel] = p.tile
+    lines = ["## Tiles our autotuners picked (BLOCK_M x BLOCK_N, warps, stages)", "",
+             "Autotuning key: head dim, query length up to 2^k (k from 7 to 14), and whether B * H >= 64.", "",
+             "| D | L <= | B * H >= 64 | dtype | fwd | dq | dkv |", "| ---: | ---: | --- | --- | --- | --- | --- |"]
+    for (d, k, full, dtype), tiles in sorted(rows.items()):
+        cells = " | ".join(tiles.get(kernel, "-") for kernel in ("fwd", "dq", "dkv"))
+        lines.append(f"| {d} | {2 ** k} | {'yes' if full else 'no'} | {dtype} | {cells} |")
+    return lines + [""]
+
+
 def version_of(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -130,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     # ---------------------------------------------------------------- peers
     peers: dict[str, Peer] = {}
     autotuners = []  # of ours and official: their tuning benchmark is shortened alike (see below)
+    ours_tuners: dict = {}  # ours alone, by kernel: the report lists what they picked
 
     def add(peer: Peer) -> None:
         if peer.name not in wanted:
@@ -140,8 +177,9 @@ def run(args: argparse.Namespace) -> int:
         from kernels.parallax import triton as ours_mod
 
         add(Peer("ours", "BTHD", True, call=lambda q, r, k, v: ours_mod.parallax_attention_triton(q, r, k, v)))
-        autotuners += [ours_mod._fwd_kernel, ours_mod._bwd_dq_kernel, ours_mod._bwd_dkv_kernel]
-        autotuners = [t for t in autotuners if isinstance(t, triton.runtime.Autotuner)]
+        ours_tuners = {"fwd": ours_mod._fwd_kernel, "dq": ours_mod._bwd_dq_kernel, "dkv": ours_mod._bwd_dkv_kernel}
+        ours_tuners = {k: t for k, t in ours_tuners.items() if isinstance(t, triton.runtime.Autotuner)}
+        autotuners += list(ours_tuners.values())
     except Exception as err:
         add(Peer("ours", "BTHD", True, reason=f"import failed: {err!r}"))
     try:
@@ -387,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
         "parallax-kernel": version_of("parallax-kernel"), "python": platform.python_version(),
     }
     md = report(results, peers, versions, torch.cuda.get_device_name(), precompile_note, skipped_rows,
-                time.time() - start, cuda_broken)
+                time.time() - start, cuda_broken, autotune_picks(ours_tuners))
     (out_dir / "parallax_train_bench.md").write_text(md)
     print(md, flush=True)
     return 0
@@ -473,7 +511,7 @@ def geomean(xs: list[float]) -> float:
 
 
 def report(results: list[Result], peers: dict, versions: dict, device: str, precompile_note: str,
-           skipped_rows: list[str], seconds: float, cuda_broken: str) -> str:
+           skipped_rows: list[str], seconds: float, cuda_broken: str, picks: list[TilePick] = ()) -> str:
     def get(section, B, L, H, D, peer, mode):
         for r in results:
             if (r.section, r.B, r.L, r.H, r.D, r.peer, r.mode) == (section, B, L, H, D, peer, mode):
@@ -602,6 +640,7 @@ def report(results: list[Result], peers: dict, versions: dict, device: str, prec
     lines += ["", "Memory note: Parallax has one more input (r) and gradient (dr) than softmax attention, so part of "
               "the gap is inherent to the operation; beyond the inputs ours saves, for bf16 inputs, two fp16 [B, T, H, D] "
               "copies (o and v_bar, from which the backward takes its row statistics where rows see 64 keys or more).", ""]
+    lines += picks_section(list(picks))
     failures = [r for r in results if r.note]
     lines += ["## Failures and skipped rows", ""]
     lines += [f"- {r.section} {r.peer} {r.mode} B={r.B} L={r.L} H={r.H} D={r.D}: {r.note}" for r in failures]

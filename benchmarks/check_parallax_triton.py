@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOL = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4}
 HEAD_DIMS = (8, 16, 32, 64, 128)
 TENSORS = ("o", "dq", "dr", "dk", "dv")
+KERNEL_KINDS = ("fwd", "dq", "dkv")
 REF_CAP = 1 << 28  # B * H * T^2 cap for the float64 reference (each [B, H, T, T] float64 tensor is 2 GiB at the cap)
 SPECIAL_T = (1, 2, 3, 15, 16, 17, 31, 33, 63, 64, 65, 100, 127, 129, 255, 257, 1000, 1025, 2047, 4097, 8191, 8192)
 
@@ -94,8 +95,15 @@ def cap_heads(B: int, T: int, H: int, H_kv: int) -> tuple[int, int, int]:
     return B, H_kv * group, H_kv
 
 
+def forced_config(candidates: list, index: int):
+    """A spec's config index for one kernel: indices run up to the longest kernel's candidate list, so a kernel with
+    fewer candidates wraps around."""
+    return candidates[index % len(candidates)]
+
+
 def make_specs(n: int, seed: int, n_configs) -> list[Spec]:
-    """Coverage first (every head_dim x dtype x tile config, ragged lengths), then random shapes up to n."""
+    """Coverage first (every head_dim x dtype x tile config, ragged lengths), then random shapes up to n.
+    `n_configs(D, dtype)`: the most candidates any of the three kernels has there."""
     rng = random.Random(seed)
     specs: list[Spec] = []
 
@@ -181,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         device = torch.device("cuda")
-        specs = make_specs(args.n_shapes, args.seed, lambda D, dt: len(tri.candidate_configs("fwd", D, dtypes[dt])))
+        specs = make_specs(args.n_shapes, args.seed,
+                           lambda D, dt: max(len(tri.candidate_configs(kind, D, dtypes[dt])) for kind in KERNEL_KINDS))
 
     def check(spec: Spec) -> dict:
         dtype = dtypes[spec.dtype]
@@ -211,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
                 out = parallax_attention(*leaves, scale=spec.scale, impl="triton")
             else:
                 idx = [int(i) for i in spec.configs.split(",")]
-                configs = {kind: tri.candidate_configs(kind, D, dtype)[i] for kind, i in zip(("fwd", "dq", "dkv"), idx)}
+                configs = {kind: forced_config(tri.candidate_configs(kind, D, dtype), i)
+                           for kind, i in zip(KERNEL_KINDS, idx)}
                 out = tri.parallax_attention_triton(*leaves, scale=spec.scale, configs=configs)
             grads = torch.autograd.grad(out, leaves, g)
         ref_leaves = [x.double().requires_grad_() for x in inputs]
@@ -244,9 +254,9 @@ def run(args: argparse.Namespace) -> int:
             calls = []
             for D in HEAD_DIMS:
                 for name, dtype in dtypes.items():
-                    cands = {kind: tri.candidate_configs(kind, D, dtype) for kind in ("fwd", "dq", "dkv")}
+                    cands = {kind: tri.candidate_configs(kind, D, dtype) for kind in KERNEL_KINDS}
                     for i in range(max(len(c) for c in cands.values())):
-                        configs = {kind: c[i % len(c)] for kind, c in cands.items()}
+                        configs = {kind: forced_config(c, i) for kind, c in cands.items()}
 
                         def call(D=D, dtype=dtype, configs=configs):
                             q, r, k, v = (torch.randn(1, 64, h, D, device=device, dtype=dtype).requires_grad_()

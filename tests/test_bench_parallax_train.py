@@ -44,3 +44,47 @@ def test_memory_with_an_L_by_L_buffer_misses_the_growth_target(per_token):
     growth = next(v for k, v in rows.items() if k.startswith("peak memory growth"))
     assert "| NO |" in growth and "too much" in growth
     assert rows["ours"].startswith("| ours | ") and "| 4.00 |" not in rows["ours"]
+
+
+class _Config:  # what the report reads of a triton.Config
+    def __init__(self, m, n, warps, stages):
+        self.kwargs, self.num_warps, self.num_stages = {"BLOCK_M": m, "BLOCK_N": n}, warps, stages
+
+
+class _Tuner:  # a triton Autotuner's cache: (HEAD_DIM, TUNE_KEY, dtype of each tensor argument) -> Config
+    def __init__(self, cache):
+        self.cache = cache
+
+
+def test_the_report_lists_the_tiles_our_autotuners_picked():
+    bf16 = ("torch.bfloat16",) * 4
+    tuners = {"fwd": _Tuner({(64, 29, *bf16): _Config(128, 64, 8, 3), (8, 21, *bf16): _Config(64, 64, 4, 2)}),
+              "dq": _Tuner({(64, 29, *bf16): _Config(64, 32, 4, 3)}),
+              "dkv": _Tuner({(64, 29, *bf16): _Config(32, 128, 8, 3)})}
+    picks = bench.autotune_picks(tuners)
+    assert [(p.kernel, p.head_dim) for p in picks] == [("fwd", 8), ("fwd", 64), ("dq", 64), ("dkv", 64)]
+    md = bench.report(_memory_results(lambda L, D: L / 4096), {}, {}, "made up", "-", [], 0.0, "", picks)
+    assert "| 64 | 16384 | yes | bfloat16 | 128x64, 8w, 3s | 64x32, 4w, 3s | 32x128, 8w, 3s |" in md
+    assert "| 8 | 1024 | yes | bfloat16 | 64x64, 4w, 2s | - | - |" in md
+    assert "\n\n\n" not in md
+    assert "Tiles our autotuners picked" not in bench.report([], {}, {}, "made up", "-", [], 0.0, "")
+
+
+def _check_script():
+    spec = importlib.util.spec_from_file_location("check_parallax_triton", REPO / "benchmarks" / "check_parallax_triton.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_check_forces_every_candidate_of_every_kernel_when_their_lists_differ_in_length():
+    check = _check_script()
+    counts = {"fwd": 3, "dq": 4, "dkv": 2}  # candidates per kernel, at every head dim and dtype here
+    specs = check.make_specs(220, 0, lambda D, dtype: max(counts.values()))
+    for D in check.HEAD_DIMS:
+        for dtype in ("bf16", "fp32"):
+            forced = [s.configs for s in specs if (s.D, s.dtype) == (D, dtype) and s.configs != "auto"]
+            for slot, kind in enumerate(check.KERNEL_KINDS):
+                used = {check.forced_config(list(range(counts[kind])), int(c.split(",")[slot])) for c in forced}
+                assert used == set(range(counts[kind])), (D, dtype, kind, used)

@@ -85,12 +85,14 @@ GPU_CONFIGS: dict[str, dict[str, list[triton.Config]]] = {
         "large": [_cfg(128, 32, 8, 3), _cfg(64, 16, 4, 2), _cfg(64, 32, 4, 2)],
     },
     "dq": {
-        "small": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
+        # 128x128: the widest key tile at head_dim <= 32 that spills nothing (MAD's 16 heads of dim 8)
+        "small": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(128, 128, 8, 2)],
         "mid": [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)],
         "large": [_cfg(128, 32, 8, 3), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)],
     },
     "dkv": {  # deeper pipelines spill less here: loads land in shared memory, not registers
-        "small": [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 2)],
+        # 32x128: the one 128-key tile at head_dim <= 32 that spills nothing (64x64 and 64x128 spill ~90 B)
+        "small": [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2)],
         "mid": [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 3)],
         "large": [_cfg(32, 128, 8, 3), _cfg(16, 128, 8, 3), _cfg(32, 64, 4, 3)],
     },

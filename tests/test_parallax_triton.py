@@ -126,6 +126,22 @@ def test_forced_tile_configs(tri, poisoned_empty):
     assert max(errs.values()) < 1e-4, errs
 
 
+@pytest.mark.parametrize("saved_stats", [False, True], ids=["recomputed", "saved"])
+@pytest.mark.parametrize("kind,index", [("dq", 3), ("dkv", 3)])
+def test_the_gpu_tiles_of_small_head_dims_match_the_reference(tri, poisoned_empty, monkeypatch, kind, index,
+                                                              saved_stats):
+    """The GPU candidates with 128-key tiles at head_dim <= 32 (MAD's dim 8), their tile shapes run by the
+    interpreter (which ignores warps and stages): a ragged length, row statistics recomputed (fp16 inputs) or, as
+    for bf16 inputs, taken from saved fp16 copies where a query tile's rows all see 64 keys or more."""
+    if saved_stats:
+        monkeypatch.setattr(tri, "stat_dtype", lambda dtype: torch.float16)
+    (q, r, k, v), g = make_inputs(1, 200, 2, 1, 8, torch.float16, seed=14)
+    configs = {kind: tri.GPU_CONFIGS[kind]["small"][index]}
+    assert configs[kind].kwargs["BLOCK_N"] == 128
+    errs = run_and_compare(q, r, k, v, g, configs=configs, tri=tri)
+    assert max(errs.values()) < TOL[torch.float16], errs
+
+
 def _forward_backward(tri, q, r, k, v, g, corrupt=None, stats=None):
     """(dq, dr, dk, dv) through `parallax_fwd` and `parallax_bwd`; `corrupt(o_stat, v_bar_stat)` edits the saved
     copies in between."""

@@ -34,7 +34,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 GRID_DIMS = (64, 128)
@@ -49,7 +49,7 @@ REF_MAIN_MAX_LEN = 2048
 PRECHECK_SHAPE = (1, 512, 4)  # (B, L, H) of the correctness pre-check, at every head_dim
 REF_MAX_SCORES = 1 << 30  # B * H * L^2 cap for the fp32 reference (each [B, H, L, L] tensor is 4 GiB at the cap)
 TARGETS = {"speedup_vs_official": 1.2, "ratio_vs_cudnn_long": 2.0, "memory_vs_softmax_16k": 1.25,
-           "memory_growth_4k_to_16k": 4.4}  # 4 when linear in L; 10 % for what does not grow with it
+           "memory_growth_4k_to_16k": 4.4}  # 4 when linear in L (less with parts that do not grow); 10 % slack
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,11 +102,12 @@ class Result:
 
 @dataclass
 class TilePick:
-    """The tile one of our autotuned kernels settled on for one autotuning key (HEAD_DIM, TUNE_KEY, dtype)."""
+    """The tile one of our autotuned kernels settled on for one autotuning key: HEAD_DIM, TUNE_KEY and the dtype of
+    each tensor argument (the forward has two keys per length bucket, with and without the saved fp16 copies)."""
     kernel: str  # "fwd" | "dq" | "dkv"
     head_dim: int
     tune_key: int  # kernels.parallax.triton._tune_key: 2 * ceil(log2 T_q) (clamped to 7..14) + (B * H >= 64)
-    dtype: str
+    dtype: str  # of the queries
     tile: str  # "BLOCK_MxBLOCK_N, warps, stages"
 
 
@@ -120,18 +121,21 @@ def autotune_picks(tuners: dict) -> list[TilePick]:
     return sorted(picks, key=lambda p: (p.head_dim, p.tune_key, p.dtype, ("fwd", "dq", "dkv").index(p.kernel)))
 
 
-def picks_section(picks: list[TilePick]) -> list[str]:
-    """Markdown lines: one row per (head_dim, length bucket, B*H class, dtype), a column per kernel."""
+def picks_section(picks: Sequence[TilePick]) -> list[str]:
+    """Markdown lines: one row per (head_dim, length bucket, B*H class, dtype), a column per kernel; a kernel that
+    picked different tiles for keys that differ in other arguments' dtypes shows them all, joined by " / "."""
     if not picks:
         return []
-    rows: dict[tuple, dict[str, str]] = {}
+    rows: dict[tuple, dict[str, list[str]]] = {}
     for p in picks:
-        rows.setdefault((p.head_dim, p.tune_key // 2, p.tune_key % 2, p.dtype), {})[p.kernel] = p.tile
+        tiles = rows.setdefault((p.head_dim, p.tune_key // 2, p.tune_key % 2, p.dtype), {}).setdefault(p.kernel, [])
+        if p.tile not in tiles:
+            tiles.append(p.tile)
     lines = ["## Tiles our autotuners picked (BLOCK_M x BLOCK_N, warps, stages)", "",
              "Autotuning key: head dim, query length up to 2^k (k from 7 to 14), and whether B * H >= 64.", "",
              "| D | L <= | B * H >= 64 | dtype | fwd | dq | dkv |", "| ---: | ---: | --- | --- | --- | --- | --- |"]
     for (d, k, full, dtype), tiles in sorted(rows.items()):
-        cells = " | ".join(tiles.get(kernel, "-") for kernel in ("fwd", "dq", "dkv"))
+        cells = " | ".join(" / ".join(tiles.get(kernel, ["-"])) for kernel in ("fwd", "dq", "dkv"))
         lines.append(f"| {d} | {2 ** k} | {'yes' if full else 'no'} | {dtype} | {cells} |")
     return lines + [""]
 
@@ -511,7 +515,7 @@ def geomean(xs: list[float]) -> float:
 
 
 def report(results: list[Result], peers: dict, versions: dict, device: str, precompile_note: str,
-           skipped_rows: list[str], seconds: float, cuda_broken: str, picks: list[TilePick] = ()) -> str:
+           skipped_rows: list[str], seconds: float, cuda_broken: str, picks: Sequence[TilePick] = ()) -> str:
     def get(section, B, L, H, D, peer, mode):
         for r in results:
             if (r.section, r.B, r.L, r.H, r.D, r.peer, r.mode) == (section, B, L, H, D, peer, mode):
@@ -640,7 +644,7 @@ def report(results: list[Result], peers: dict, versions: dict, device: str, prec
     lines += ["", "Memory note: Parallax has one more input (r) and gradient (dr) than softmax attention, so part of "
               "the gap is inherent to the operation; beyond the inputs ours saves, for bf16 inputs, two fp16 [B, T, H, D] "
               "copies (o and v_bar, from which the backward takes its row statistics where rows see 64 keys or more).", ""]
-    lines += picks_section(list(picks))
+    lines += picks_section(picks)
     failures = [r for r in results if r.note]
     lines += ["## Failures and skipped rows", ""]
     lines += [f"- {r.section} {r.peer} {r.mode} B={r.B} L={r.L} H={r.H} D={r.D}: {r.note}" for r in failures]

@@ -95,6 +95,11 @@ def cap_heads(B: int, T: int, H: int, H_kv: int) -> tuple[int, int, int]:
     return B, H_kv * group, H_kv
 
 
+def most_candidates(tri, head_dim: int, dtype) -> int:
+    """The longest candidate list of the three kernels at this head dim and dtype: forced config indices run to it."""
+    return max(len(tri.candidate_configs(kind, head_dim, dtype)) for kind in KERNEL_KINDS)
+
+
 def forced_config(candidates: list, index: int):
     """A spec's config index for one kernel: indices run up to the longest kernel's candidate list, so a kernel with
     fewer candidates wraps around."""
@@ -189,8 +194,7 @@ def run(args: argparse.Namespace) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         device = torch.device("cuda")
-        specs = make_specs(args.n_shapes, args.seed,
-                           lambda D, dt: max(len(tri.candidate_configs(kind, D, dtypes[dt])) for kind in KERNEL_KINDS))
+        specs = make_specs(args.n_shapes, args.seed, lambda D, dt: most_candidates(tri, D, dtypes[dt]))
 
     def check(spec: Spec) -> dict:
         dtype = dtypes[spec.dtype]

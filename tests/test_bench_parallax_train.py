@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _spec = importlib.util.spec_from_file_location("bench_parallax_train", REPO / "benchmarks" / "bench_parallax_train.py")
 bench = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = bench  # its dataclasses look their module up there
@@ -24,9 +26,11 @@ def _memory_results(ours_peak) -> list:
 
 
 def _report(results) -> dict[str, str]:
+    """The table rows of the report's memory growth table and its targets table, by their first cell."""
     peers = {n: bench.Peer(n, "BTHD", n == "ours") for n in ("ours", "cudnn", "flash")}
     md = bench.report(results, peers, {}, "made up", "-", [], 0.0, "")
-    return {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    after_memory = md.split("\nPeak memory at L = ", 1)[1]
+    return {line.split(" | ")[0].strip("| "): line for line in after_memory.splitlines() if line.startswith("| ")}
 
 
 def test_memory_growing_linearly_in_length_meets_the_target():
@@ -58,13 +62,15 @@ class _Tuner:  # a triton Autotuner's cache: (HEAD_DIM, TUNE_KEY, dtype of each 
 
 def test_the_report_lists_the_tiles_our_autotuners_picked():
     bf16 = ("torch.bfloat16",) * 4
-    tuners = {"fwd": _Tuner({(64, 29, *bf16): _Config(128, 64, 8, 3), (8, 21, *bf16): _Config(64, 64, 4, 2)}),
+    saving = ("torch.bfloat16",) * 3 + ("torch.float16",)  # the training forward's key: its saved copies are fp16
+    tuners = {"fwd": _Tuner({(64, 29, *bf16): _Config(128, 64, 8, 3), (64, 29, *saving): _Config(64, 64, 4, 3),
+                             (8, 21, *bf16): _Config(64, 64, 4, 2)}),
               "dq": _Tuner({(64, 29, *bf16): _Config(64, 32, 4, 3)}),
               "dkv": _Tuner({(64, 29, *bf16): _Config(32, 128, 8, 3)})}
     picks = bench.autotune_picks(tuners)
-    assert [(p.kernel, p.head_dim) for p in picks] == [("fwd", 8), ("fwd", 64), ("dq", 64), ("dkv", 64)]
+    assert [(p.kernel, p.head_dim) for p in picks] == [("fwd", 8), ("fwd", 64), ("fwd", 64), ("dq", 64), ("dkv", 64)]
     md = bench.report(_memory_results(lambda L, D: L / 4096), {}, {}, "made up", "-", [], 0.0, "", picks)
-    assert "| 64 | 16384 | yes | bfloat16 | 128x64, 8w, 3s | 64x32, 4w, 3s | 32x128, 8w, 3s |" in md
+    assert "| 64 | 16384 | yes | bfloat16 | 128x64, 8w, 3s / 64x64, 4w, 3s | 64x32, 4w, 3s | 32x128, 8w, 3s |" in md
     assert "| 8 | 1024 | yes | bfloat16 | 64x64, 4w, 2s | - | - |" in md
     assert "\n\n\n" not in md
     assert "Tiles our autotuners picked" not in bench.report([], {}, {}, "made up", "-", [], 0.0, "")
@@ -78,13 +84,18 @@ def _check_script():
     return module
 
 
-def test_the_check_forces_every_candidate_of_every_kernel_when_their_lists_differ_in_length():
+def test_the_check_forces_every_candidate_of_every_kernel():
+    """Forced config indices run up to the longest of the three kernels' candidate lists (at small head dims dq and
+    dkv have 4 candidates, the forward 3), each kernel wrapping around its own."""
     check = _check_script()
-    counts = {"fwd": 3, "dq": 4, "dkv": 2}  # candidates per kernel, at every head dim and dtype here
-    specs = check.make_specs(220, 0, lambda D, dtype: max(counts.values()))
+    import kernels.parallax.triton as tri
+
+    specs = check.make_specs(220, 0, lambda D, dt: check.most_candidates(tri, D, DTYPES[dt]))
     for D in check.HEAD_DIMS:
         for dtype in ("bf16", "fp32"):
             forced = [s.configs for s in specs if (s.D, s.dtype) == (D, dtype) and s.configs != "auto"]
             for slot, kind in enumerate(check.KERNEL_KINDS):
-                used = {check.forced_config(list(range(counts[kind])), int(c.split(",")[slot])) for c in forced}
-                assert used == set(range(counts[kind])), (D, dtype, kind, used)
+                candidates = tri.candidate_configs(kind, D, DTYPES[dtype])
+                used = {id(check.forced_config(candidates, int(c.split(",")[slot]))) for c in forced}
+                assert used == {id(c) for c in candidates}, (D, dtype, kind)
+    assert check.most_candidates(tri, 8, torch.bfloat16) == 4

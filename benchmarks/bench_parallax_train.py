@@ -42,6 +42,7 @@ GRID_HEADS = (8, 16)
 GRID_BATCHES = (1, 2, 4, 8)
 GRID_LENS = (1024, 2048, 4096, 8192, 16384)
 MAX_TOKENS = 32768
+OUR_KERNELS = ("fwd", "dq", "dkv")  # our autotuned Triton kernels, in the order they run
 MAD_SHAPES = [(128, L, 16, 8) for L in (128, 256, 512, 1024)]  # (B, L, H, D)
 MEM_LENS = (4096, 8192, 16384)  # linear growth: peak(16k) / peak(4k) = 4; an L x L buffer would make it 16
 MEM_SHAPES = [(MAX_TOKENS // 16384, L, 16, D) for D in GRID_DIMS for L in MEM_LENS]  # the last: the largest grid shapes
@@ -118,7 +119,7 @@ def autotune_picks(tuners: dict) -> list[TilePick]:
         for key, cfg in getattr(tuner, "cache", {}).items():
             tile = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}, {cfg.num_warps}w, {cfg.num_stages}s"
             picks.append(TilePick(kernel, int(key[0]), int(key[1]), str(key[2]).replace("torch.", ""), tile))
-    return sorted(picks, key=lambda p: (p.head_dim, p.tune_key, p.dtype, ("fwd", "dq", "dkv").index(p.kernel)))
+    return sorted(picks, key=lambda p: (p.head_dim, p.tune_key, p.dtype, OUR_KERNELS.index(p.kernel)))
 
 
 def picks_section(picks: Sequence[TilePick]) -> list[str]:
@@ -135,7 +136,7 @@ def picks_section(picks: Sequence[TilePick]) -> list[str]:
              "Autotuning key: head dim, query length up to 2^k (k from 7 to 14), and whether B * H >= 64.", "",
              "| D | L <= | B * H >= 64 | dtype | fwd | dq | dkv |", "| ---: | ---: | --- | --- | --- | --- | --- |"]
     for (d, k, full, dtype), tiles in sorted(rows.items()):
-        cells = " | ".join(" / ".join(tiles.get(kernel, ["-"])) for kernel in ("fwd", "dq", "dkv"))
+        cells = " | ".join(" / ".join(tiles.get(kernel, ["-"])) for kernel in OUR_KERNELS)
         lines.append(f"| {d} | {2 ** k} | {'yes' if full else 'no'} | {dtype} | {cells} |")
     return lines + [""]
 
@@ -181,8 +182,8 @@ def run(args: argparse.Namespace) -> int:
         from kernels.parallax import triton as ours_mod
 
         add(Peer("ours", "BTHD", True, call=lambda q, r, k, v: ours_mod.parallax_attention_triton(q, r, k, v)))
-        ours_tuners = {"fwd": ours_mod._fwd_kernel, "dq": ours_mod._bwd_dq_kernel, "dkv": ours_mod._bwd_dkv_kernel}
-        ours_tuners = {k: t for k, t in ours_tuners.items() if isinstance(t, triton.runtime.Autotuner)}
+        jitted = dict(zip(OUR_KERNELS, (ours_mod._fwd_kernel, ours_mod._bwd_dq_kernel, ours_mod._bwd_dkv_kernel)))
+        ours_tuners = {k: t for k, t in jitted.items() if isinstance(t, triton.runtime.Autotuner)}
         autotuners += list(ours_tuners.values())
     except Exception as err:
         add(Peer("ours", "BTHD", True, reason=f"import failed: {err!r}"))

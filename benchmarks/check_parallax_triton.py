@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
             for D in HEAD_DIMS:
                 for name, dtype in dtypes.items():
                     cands = {kind: tri.candidate_configs(kind, D, dtype) for kind in KERNEL_KINDS}
-                    for i in range(max(len(c) for c in cands.values())):
+                    for i in range(most_candidates(tri, D, dtype)):
                         configs = {kind: forced_config(c, i) for kind, c in cands.items()}
 
                         def call(D=D, dtype=dtype, configs=configs):

@@ -1,18 +1,12 @@
 """benchmarks/bench_parallax_train.py's report, from made-up results (the timing itself needs the GPU)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import bench_parallax_train as bench
+from benchmarks import check_parallax_triton as check
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_spec = importlib.util.spec_from_file_location("bench_parallax_train", REPO / "benchmarks" / "bench_parallax_train.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench  # its dataclasses look their module up there
-_spec.loader.exec_module(bench)
 
 
 def _memory_results(ours_peak) -> list:
@@ -76,18 +70,9 @@ def test_the_report_lists_the_tiles_our_autotuners_picked():
     assert "Tiles our autotuners picked" not in bench.report([], {}, {}, "made up", "-", [], 0.0, "")
 
 
-def _check_script():
-    spec = importlib.util.spec_from_file_location("check_parallax_triton", REPO / "benchmarks" / "check_parallax_triton.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_check_forces_every_candidate_of_every_kernel():
     """Forced config indices run up to the longest of the three kernels' candidate lists (at small head dims dq and
     dkv have 4 candidates, the forward 3), each kernel wrapping around its own."""
-    check = _check_script()
     import kernels.parallax.triton as tri
 
     specs = check.make_specs(220, 0, lambda D, dt: check.most_candidates(tri, D, DTYPES[dt]))

@@ -26,12 +26,13 @@ offset (v = 10 + N(0, 1)), plain copies round at the offset's scale, which offse
 2.3x the recomputed error at 64+ keys: analysis/kernels/parallax_row_stats_emulation_offset_v10_k5.md); shifted copies
 round at the scale of the values' spread (v_0, one [D] vector per program, rather than each row's own value: loading
 that in the forward's epilogue made the D = 128 tiles spill). On the H200 the check's offset study (values + 10, keys
-+ 3 to 5, bf16) found the copies as accurate as recomputing (worst ratio 1.06), and they made forward+backward 17 %
-faster at L >= 8k (analysis/kernels/parallax_triton_check.md, parallax_train_bench.md). So the dq kernel takes b and t
-from the saved copies (a row-wise product each) in query tiles whose rows all see at least STATS_MIN_KEYS keys, and
-elsewhere recomputes them in a first pass over the keys from the same p, u and a it then uses (three extra dots per
-key tile); so it does too where a saved copy left fp16's range (inf) or where all of a tile's saved values lie below
-fp16's smallest normal number, where fp16 keeps too few bits. It stores b and t for the dk/dv kernel.
++ 3 to 5, bf16) found the copies as accurate as recomputing (worst error ratio 1.06 in one call, 1.00 in the next),
+and they made forward+backward 17 % faster at L >= 8k (analysis/kernels/parallax_triton_check.md,
+parallax_train_bench.md). So the dq kernel takes b and t from the saved copies (a row-wise product each) in query tiles
+whose rows all see at least STATS_MIN_KEYS keys, and elsewhere recomputes them in a first pass over the keys from the
+same p, u and a it then uses (three extra dots per key tile); so it does too where a saved copy left fp16's range
+(inf) or where all of a tile's saved values lie below fp16's smallest normal number, where fp16 keeps too few bits. It
+stores b and t for the dk/dv kernel.
 
 For 16-bit inputs the forward's P V and (P*U) V dots need more than bf16's 8 bits of P and P*U: v_bar (1 + u_bar) - OR
 cancels when the probe scores are large, and one bf16 rounding of P*U put max-norm errors of ~1e-2 into o

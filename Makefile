@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m mad.run -m +sweep=smoke
 
+# Two pytest-xdist workers of one thread each; loadscope keeps a module on one worker, so a module's shared fixture
+# (an interpreter run of every decode case, ~40 s) is built once.
 test: $(VENV)/.installed
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadscope
 
 clean-venv:
 	rm -rf $(VENV)

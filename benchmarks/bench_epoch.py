@@ -19,7 +19,7 @@ task's vocabulary of 16 (memorization's, up to 8192, makes its output layer larg
 `--eval-eager` and `--sdpa-default` switch off what this harness does on top of the plain loop (the captured test
 forward, cuDNN's attention first: kernels/sdpa.py), to measure what each brings. Before timing, the captured test
 forward is checked against the eager one, and cuDNN's and flash's attention against fp32 at a MAD shape.
-`--cpu-smoke` runs one tiny length eagerly on the CPU to test the script (not a measurement).
+`--cpu-smoke` runs one tiny length at batch 16 eagerly on the CPU to test the script (not a measurement).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from benchmarks.bench_throughput import compose_cfg  # noqa: E402
+from benchmarks.bench_throughput import SMOKE_OVERRIDES, compose_cfg  # noqa: E402
 from kernels.softmax import KERNELS, softmax_attention  # noqa: E402
 
 LENGTHS = (32, 128, 256, 512, 1024)  # every sequence length of the MAD grid but 64 (timed at 32 or 128)
@@ -71,7 +71,8 @@ def time_length(attention: str, seq_len: int, args, device: torch.device) -> dic
     from mad.run import build_model, loop_config
     from mad.stacked_train import StackedRun, StepOptions, train_stacked
 
-    cfg = compose_cfg(attention, seq_len, f"launch.softmax_kernel={args.softmax_kernel}")
+    cfg = compose_cfg(attention, seq_len, f"launch.softmax_kernel={args.softmax_kernel}",
+                      *(SMOKE_OVERRIDES if args.cpu_smoke else ()))
     loop = loop_config(cfg, device)
     # Every epoch runs; no mechanism diagnostics, as in the protocol sweeps (conf/sweep/mad.yaml).
     loop.epochs, loop.early_stop_accuracy, loop.diagnostics_batch = args.epochs, 2.0, 0

@@ -20,7 +20,7 @@ The protocol estimate multiplies every setting's run-steps without early stoppin
 x ceil(train examples / 128)) by the measured time per run-step of `graph` at the nearest measured length.
 
 Writes <out>/throughput.md and <out>/throughput.csv. `--cpu-smoke` runs the eager and stacked variants at a tiny
-length on the CPU (no graphs, no compile, no worker processes), so the script is tested without a GPU.
+length and batch 16 on the CPU (no graphs, no compile, no worker processes), so the script is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -59,6 +59,10 @@ def parse_args(argv):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+SMOKE_BATCH = 16  # script tests on the CPU (--cpu-smoke here and in bench_epoch.py; profile_step.py): 8x less work
+SMOKE_OVERRIDES = (f"train.batch_size={SMOKE_BATCH}",)
 
 
 def compose_cfg(attention: str, seq_len: int, *overrides: str):
@@ -199,7 +203,7 @@ def main(argv=None) -> int:
             if time.time() - started > args.budget_s:
                 notes.append(f"{attention} L={seq_len}: skipped, time budget {args.budget_s:.0f} s")
                 continue
-            cfg = compose_cfg(attention, seq_len)
+            cfg = compose_cfg(attention, seq_len, *(SMOKE_OVERRIDES if args.cpu_smoke else ()))
             add(attention, seq_len, "eager", 1, time_steps(eager_step_fn(cfg, device, False), args.steps, device))
             if device.type == "cuda":
                 try:

@@ -4,8 +4,9 @@
 
 For each attention (the MAD model, batch 128, AdamW, bf16 autocast on GPU) it profiles 5 steps after warm-up of
 (a) one run, the loop of mad/train.py, (b) N runs as one stack (mad/stacked_train.py, eager: the profiler sees
-each kernel) and, on GPU, (c) that stack with its forward under torch.compile, and writes the kernels with the most device time per step. Reuses the step builders of
-benchmarks/bench_throughput.py. On the CPU (no GPU) it profiles CPU time, to test the script.
+each kernel) and, on GPU, (c) that stack with its forward under torch.compile, and writes the kernels with the most
+device time per step. Reuses the step builders of benchmarks/bench_throughput.py. On the CPU (no GPU) it profiles
+CPU time at batch 16, to test the script.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench_throughput import compose_cfg, eager_step_fn, stacked_step_fn  # noqa: E402
+from bench_throughput import SMOKE_BATCH, SMOKE_OVERRIDES, compose_cfg, eager_step_fn, stacked_step_fn  # noqa: E402
 
 STEPS = 5
 
@@ -70,14 +71,15 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     unit = "device" if device.type == "cuda" else "CPU (no GPU: a script test, not a measurement)"
+    overrides = () if device.type == "cuda" else SMOKE_OVERRIDES
     lines = ["# Where a training step's time goes", "",
              f"- device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}, "
              f"Python {platform.python_version()}; date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- command: `PYTHONPATH=. python benchmarks/profile_step.py {' '.join(argv or sys.argv[1:])}`",
              f"- {unit} time per step, from torch.profiler over {STEPS} eager steps after warm-up; MAD model, "
-             f"batch 128, L={args.seq_len}, AdamW", ""]  # fmt: skip
+             f"batch {128 if device.type == 'cuda' else SMOKE_BATCH}, L={args.seq_len}, AdamW", ""]  # fmt: skip
     for attention in args.attentions.split(","):
-        cfg = compose_cfg(attention, args.seq_len)
+        cfg = compose_cfg(attention, args.seq_len, *overrides)
         variants = [("one run", eager_step_fn(cfg, device, False)),
                     (f"stack of {args.runs}", stacked_step_fn(cfg, device, args.runs, graph=False)[0])]  # fmt: skip
         if device.type == "cuda":  # inductor's fused kernels, which the launcher's compile switch replays in a graph

@@ -40,8 +40,10 @@ def test_fla_kernel_equals_sdpa(shape):
 
 @needs_triton
 def test_a_model_built_with_launch_softmax_kernel_fla_trains_as_with_sdpa():
-    # The same weights through both kernels: the loss and every parameter's gradient agree.
-    cfg = compose_run("attention=softmax", "task.seq_len=24", "launch.softmax_kernel=fla")
+    # The same weights through both kernels: the loss and every parameter's gradient agree. 4 heads of MAD's dim 8
+    # rather than 16: the interpreter runs each program in turn.
+    cfg = compose_run("attention=softmax", "task.seq_len=24", "launch.softmax_kernel=fla", "model.dim=32",
+                      "attention.num_heads=4")  # fmt: skip
     check_config(OmegaConf.to_container(cfg, resolve=True))
     fla_model = build_model(cfg).to(_device())
     assert {m.kernel for m in fla_model.modules() if isinstance(m, SoftmaxAttention)} == {"fla"}

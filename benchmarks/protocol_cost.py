@@ -12,6 +12,12 @@ record, the 200 epochs such a run may take at most, each run-epoch at a sixth of
 stack and per size a stack shrinks to) and assumes a stack's epoch shrinks with its runs, which holds where the
 GPU is the bound (L >= 256) and flatters short lengths. Only records of the full profile on the protocol's
 lr x wd grid count, as on the leaderboard.
+
+For what is left it plans device calls (`plan_calls`): per setting, its stacks under the launcher's token cap, how
+many can share the GPU within `--call-seconds`, and the `start_until` that lets every stack a call starts finish.
+The model (start-up, COMPILE_SECONDS per stack, stacks sharing the GPU at SHARED_GPU_MARGIN x their summed price)
+gives 525, 457 and 470 s for three H200 calls priced at 387, 328 and 339 s that took 525, 429 and 446 s
+(analysis/throughput/protocol_cost_softmax_adamw.md).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import argparse
 import csv
 import datetime
 import sys
+import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,10 +38,16 @@ if str(REPO) not in sys.path:
 from benchmarks.bench_epoch import protocol_minutes, stack_epoch_seconds  # noqa: E402
 from mad.archive import read_records  # noqa: E402
 from mad.leaderboard import setting_label  # noqa: E402
+from mad.setting_configs import setting_id  # noqa: E402
+from mad.stacked_run import stack_size  # noqa: E402
 from mad.tasks.grid import LEARNING_RATES, WEIGHT_DECAYS, mad_settings  # noqa: E402
 
 EPOCHS = 200
 TARGET_GPU_MINUTES = 60  # issue #8's target for softmax attention
+# Stacks sharing one GPU take about as long as their priced work together: six 6-run stacks at L = 256 on the H200
+# (session 17) ran epochs of 6.8-8.3 s, against 6 x 1.19 s priced (0.95-1.16x). Calls are planned with this margin.
+SHARED_GPU_MARGIN = 1.15
+COMPILE_SECONDS = 20  # a stack's compiles and captures before its first epoch (bench_epoch.py's first epoch: 17-21 s)
 _PRICE_COLUMNS = {"attention", "L", "runs", "ms_per_step", "ms_per_test_batch"}
 
 
@@ -44,6 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--attention", required=True)
     p.add_argument("--optimizer", required=True)
     p.add_argument("--out", type=Path, required=True, help="Markdown file to write")
+    p.add_argument("--call-seconds", type=float, default=540,
+                   help="a device call's deadline, to plan calls around (default: %(default)s)")
+    p.add_argument("--startup-seconds", type=float, default=60,
+                   help="of a call, before the launcher starts: unpacking, Python, torch, Hydra (default: %(default)s)")
+    p.add_argument("--max-group-tokens", type=int, default=1536,
+                   help="the launcher's cap on runs x sequence length per stack (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -107,32 +127,92 @@ def cost_by_length(prices: list[dict], epochs: dict[tuple, int]) -> dict[int, di
     return {length: dict(table[length]) for length in sorted(table)}
 
 
-def still_to_run(prices: list[dict], epochs: dict[tuple, int]) -> list[tuple[str, str, int, int, float]]:
-    """(task, setting label, L, grid points without a record, GPU-seconds of one stack of them at 200 epochs) per
-    setting with any such point, the costliest first: what is left to plan calls around."""
-    rows = []
-    for task, setting, run_epoch_s, done in grid_points(prices, epochs):
-        missing = done.count(None)
-        if missing:
-            rows.append((task, setting_label(task, setting), setting["seq_len"], missing, missing * EPOCHS * run_epoch_s))
-    return sorted(rows, key=lambda row: -row[4])
+@dataclass
+class Remaining:
+    """A setting with grid points still to run."""
+
+    task: str
+    setting: dict
+    runs: int  # grid points without a record
+    run_epoch_s: float  # GPU-seconds of one run-epoch
+
+    @property
+    def seq_len(self) -> int:
+        return self.setting["seq_len"]
+
+    @property
+    def seconds(self) -> float:
+        """GPU-seconds of its runs at 200 epochs."""
+        return self.runs * EPOCHS * self.run_epoch_s
 
 
-def _still_to_run_lines(rows: list[tuple[str, str, int, int, float]]) -> list[str]:
+def still_to_run(prices: list[dict], epochs: dict[tuple, int]) -> list[Remaining]:
+    """Every setting with grid points without a record, the costliest first: what is left to plan calls around."""
+    rows = [Remaining(task, setting, done.count(None), run_epoch_s)
+            for task, setting, run_epoch_s, done in grid_points(prices, epochs) if None in done]  # fmt: skip
+    return sorted(rows, key=lambda row: -row.seconds)
+
+
+@dataclass
+class CallPlan:
+    """How a setting's stacks fit device calls of `call_seconds`: `workers` stacks train at once, sharing the GPU, so
+    each takes COMPILE_SECONDS plus `workers` x its price (x SHARED_GPU_MARGIN); none starts after `start_until`
+    (counted from the launcher's start, as `hydra.launcher.start_until`), so every stack that starts finishes;
+    `workers` == 0 when one stack alone outlasts a call."""
+
+    stacks: int
+    runs_per_stack: int
+    stack_seconds: float  # one stack on a GPU of its own, at 200 epochs
+    workers: int
+    start_until: int
+    calls: int
+
+
+def plan_calls(row: Remaining, call_seconds: float, startup_seconds: float, max_group_tokens: int) -> CallPlan:
+    size = stack_size(row.seq_len, row.runs, 0, max_group_tokens)
+    stack_s = size * EPOCHS * row.run_epoch_s
+    budget = call_seconds - startup_seconds - COMPILE_SECONDS
+    workers = max(0, int(budget // (stack_s * SHARED_GPU_MARGIN)))
+    stacks = math.ceil(row.runs / size)
+    if workers == 0:
+        return CallPlan(stacks, size, stack_s, 0, 0, 0)
+    start_until = int(budget - workers * stack_s * SHARED_GPU_MARGIN)
+    return CallPlan(stacks, size, stack_s, workers, start_until, math.ceil(stacks / workers))
+
+
+def _still_to_run_lines(args: argparse.Namespace, rows: list[Remaining]) -> list[str]:
     if not rows:
         return ["## Settings still to run", "", "None: every grid point has a record.", ""]
+    lines = []
+    for row in rows:
+        plan = plan_calls(row, args.call_seconds, args.startup_seconds, args.max_group_tokens)
+        fit = (f"{plan.workers} | {plan.start_until} | {plan.calls}" if plan.workers
+               else "does not fit | - | -")  # fmt: skip
+        lines.append(f"| {row.task} | {setting_label(row.task, row.setting)} | {row.seq_len} | {row.runs} | "
+                     f"{row.seconds / 60:.1f} | {plan.stacks} x {plan.runs_per_stack} | "
+                     f"{plan.stack_seconds / 60:.1f} | {fit} |")  # fmt: skip
     return [
         "## Settings still to run", "",
-        "Each as one stack of its runs without a record, priced as above at 200 epochs on a GPU of its own; beside other "
-        "stacks on the same GPU it takes longer, and a stack that stops early (every run done) takes less.", "",
-        "| task | setting | L | grid points to run | one stack at 200 epochs, GPU-minutes |",
-        "| --- | --- | ---: | ---: | ---: |",
-        *[f"| {task} | {label} | {length} | {missing} | {seconds / 60:.1f} |" for task, label, length, missing, seconds in rows],
-        ""]  # fmt: skip
+        "Priced as above at 200 epochs on a GPU of its own; a stack that stops early (every run done) takes less. "
+        f"Planned for calls of {args.call_seconds:.0f} s, {args.startup_seconds:.0f} s of them before the launcher "
+        f"starts, with `hydra.launcher.max_group_tokens={args.max_group_tokens}`: stacks that share the GPU each take "
+        f"their price times how many share it (times {SHARED_GPU_MARGIN}, measured), plus {COMPILE_SECONDS} s of "
+        "compiling; with the workers and start_until "
+        "below, every stack a call starts finishes in it, and those it does not start wait for the next call (a "
+        "call may name more settings of the same row shape than it runs).", "",
+        "| task | setting | L | grid points to run | GPU-minutes | stacks x runs | one stack, GPU-minutes | "
+        "workers per call | start_until, s | calls |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *lines, "",
+        "A call: `bash benchmarks/device_sweep.sh ARCHIVE SECONDS runs/sweeps/mad +sweep=mad "
+        f"attention={args.attention} optimizer={args.optimizer} mad_setting=ID,ID,... "
+        f"hydra.launcher.max_group_tokens={args.max_group_tokens} hydra.launcher.workers_per_device=W "
+        "hydra.launcher.compile=true hydra.launcher.start_until=S`, the settings' IDs being "
+        + ", ".join(f"`{setting_id(row.task, row.setting)}`" for row in rows) + ".", ""]  # fmt: skip
 
 
 def markdown(args: argparse.Namespace, argv: list[str], table: dict, prices: list[dict], n_records: int,
-             remaining: list[tuple[str, str, int, int, float]]) -> str:
+             remaining: list[Remaining]) -> str:
     totals: dict[str, float] = defaultdict(float)
     rows = []
     for length, row in table.items():
@@ -163,7 +243,7 @@ def markdown(args: argparse.Namespace, argv: list[str], table: dict, prices: lis
         f"{TARGET_GPU_MINUTES}",
         f"- the runs with a record trained {stopped:.0%} of their 200 epochs",
         "- grid points still to run count their 200 epochs, so the total is an upper bound while any remain",
-        "", *_still_to_run_lines(remaining)])  # fmt: skip
+        "", *_still_to_run_lines(args, remaining)])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.records, args.epochs):
         if not path.is_file():
             sys.exit(f"protocol_cost: {path} is not a file")
+    if not 0 <= args.startup_seconds < args.call_seconds or args.max_group_tokens < 0:
+        sys.exit(f"protocol_cost: need 0 <= --startup-seconds < --call-seconds and --max-group-tokens >= 0 "
+                 f"(0: no cap); got {args.startup_seconds:g}, {args.call_seconds:g} and {args.max_group_tokens}")
     try:
         prices = epoch_prices(args.epochs, args.attention)
         records = read_records(args.records)

@@ -103,22 +103,23 @@ def group_plans(plans: list[RunPlan], max_group: int = 0, max_group_tokens: int 
             singles.append([plan])
     chunked = []
     for members in groups.values():
-        size = stack_size(members[0], len(members), max_group, max_group_tokens)
+        seq_len = members[0].resolved["task"]["seq_len"] if max_group_tokens > 0 else 0  # read only when capped
+        size = stack_size(seq_len, len(members), max_group, max_group_tokens)
         chunked += [members[i : i + size] for i in range(0, len(members), size)]
     return chunked + singles
 
 
-def stack_size(plan: RunPlan, runs: int, max_group: int = 0, max_group_tokens: int = 0) -> int:
-    """How many of a group's `runs` (all like `plan`) share one stack: all of them, at most `max_group` when > 0, and
-    at most `max_group_tokens` // sequence length when > 0 (never fewer than one), evened out over the stacks the caps
-    call for (6 runs at most 4 per stack: 3 and 3, not 4 and 2). A stack's step time and memory grow with its runs x
-    sequence length, so the token cap keeps long-sequence stacks short enough to finish before a deadline (1536: one
-    run at L=1024, three at 512, six at 256) while short ones stay whole."""
+def stack_size(seq_len: int, runs: int, max_group: int = 0, max_group_tokens: int = 0) -> int:
+    """How many of a group's `runs` (of sequence length `seq_len`) share one stack: all of them, at most `max_group`
+    when > 0, and at most `max_group_tokens` // `seq_len` when > 0 (never fewer than one), evened out over the stacks
+    the caps call for (6 runs at most 4 per stack: 3 and 3, not 4 and 2). A stack's step time and memory grow with its
+    runs x sequence length, so the token cap keeps long-sequence stacks short enough to finish before a deadline
+    (1536: one run at L=1024, three at 512, six at 256) while short ones stay whole."""
     cap = runs
     if max_group > 0:
         cap = min(cap, max_group)
     if max_group_tokens > 0:
-        cap = min(cap, max(1, max_group_tokens // plan.resolved["task"]["seq_len"]))
+        cap = min(cap, max(1, max_group_tokens // seq_len))
     stacks = -(-runs // cap)
     return -(-runs // stacks)
 

@@ -1,30 +1,18 @@
 """benchmarks/protocol_cost.py: the protocol's GPU time from a records archive and bench_epoch.py's prices."""
 
 import csv
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
 
+from benchmarks import protocol_cost
+from benchmarks.bench_epoch import protocol_minutes
+from benchmarks.bench_leaderboard import synthetic_record
 from mad.archive import pack
 from mad.results import RECORD_NAME
 from mad.tasks.grid import LEARNING_RATES, WEIGHT_DECAYS, mad_settings
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-protocol_cost = _module("protocol_cost")
-synthetic_record = _module("bench_leaderboard").synthetic_record
-protocol_minutes = _module("bench_epoch").protocol_minutes
 
 
 def _record(task, setting, lr, wd, epochs, attention="softmax", profile="full"):
@@ -70,7 +58,9 @@ def test_the_cost_counts_recorded_epochs_and_the_most_for_the_rest(tmp_path):
     rows = [line.split(" | ") for line in left if line.startswith("| ") and not line.startswith(("| task", "| ---"))]
     assert len(rows) == len(mad_settings()) and rows[0][2] == "1024"  # every setting; the longest cost the most
     baseline = next(row for row in rows if row[0] == f"| {task}" and row[1] == "baseline")
-    assert baseline[3] == "5" and baseline[4] == f"{5 * 200 * run_epoch_s / 60:.1f} |"  # one of its six has a record
+    assert baseline[3] == "5" and baseline[4] == f"{5 * 200 * run_epoch_s / 60:.1f}"  # one of its six has a record
+    assert baseline[5] == "1 x 5"  # one stack: 5 runs x L=128 is within the default 1536 tokens
+    assert "`in_context_recall__baseline`" in text  # the ids a call's mad_setting takes
 
 
 def test_nothing_is_left_to_run_once_every_grid_point_has_a_record(tmp_path):
@@ -104,3 +94,47 @@ def test_prices_of_another_attention_or_another_file_are_refused(tmp_path):
             protocol_cost.main(["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / epochs),
                                 "--attention", "softmax", "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")])
     assert not (tmp_path / "cost.md").exists()
+
+
+def _remaining(seq_len: int, runs: int, run_epoch_s: float):
+    task, setting = next((t, s) for t, s in mad_settings() if s["seq_len"] == seq_len)
+    return protocol_cost.Remaining(task, setting, runs, run_epoch_s)
+
+
+def test_a_call_plan_starts_only_stacks_that_finish_before_the_deadline():
+    """Stacks sharing the GPU each take their price times how many share it: at L=1024, 1536 tokens make one-run
+    stacks of 200 s; a 540-s call with 60 s of start-up and 20 s of compiling leaves 460 s, the time of two such
+    stacks sharing the GPU (2 x 200 x 1.15): two at once, and none started later."""
+    margin, compile_s = protocol_cost.SHARED_GPU_MARGIN, protocol_cost.COMPILE_SECONDS
+    plan = protocol_cost.plan_calls(_remaining(1024, 6, 1.0), 540, 60, 1536)
+    assert (plan.stacks, plan.runs_per_stack, plan.stack_seconds) == (6, 1, 200.0)
+    assert plan.workers == int((540 - 60 - compile_s) // (200 * margin)) == 2
+    assert plan.start_until == 0 and plan.calls == 3
+    longer = protocol_cost.plan_calls(_remaining(1024, 6, 1.0), 1650, 60, 1536)  # three chained calls
+    assert longer.workers == 6 and longer.calls == 1
+    for call_s, runs, epoch_s, tokens in [(540, 6, 0.2, 1536), (300, 5, 0.05, 0), (900, 4, 0.3, 2048)]:
+        plan = protocol_cost.plan_calls(_remaining(256, runs, epoch_s), call_s, 60, tokens)
+        assert plan.stacks * plan.runs_per_stack >= runs and plan.workers >= 1
+        # the last stack to start, started at start_until, ends inside the call
+        assert 60 + plan.start_until + compile_s + plan.workers * plan.stack_seconds * margin <= call_s
+        assert 60 + compile_s + (plan.workers + 1) * plan.stack_seconds * margin > call_s  # one more would not fit
+    too_long = protocol_cost.plan_calls(_remaining(1024, 6, 3.0), 540, 60, 1536)  # 600 s alone
+    assert too_long.workers == 0 and too_long.calls == 0
+
+
+def test_a_stack_longer_than_a_call_is_said_not_to_fit(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "run").mkdir(parents=True)
+    task, setting = mad_settings()[0]
+    (sweep / "run" / RECORD_NAME).write_text(json.dumps(_record(task, setting, 1e-3, 0.0, 50)))
+    pack(sweep, tmp_path / "records.tar.gz")
+    _prices(tmp_path / "epochs.csv")
+    args = ["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / "epochs.csv"),
+            "--attention", "softmax", "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")]  # fmt: skip
+    protocol_cost.main([*args, "--call-seconds", "120", "--startup-seconds", "30"])
+    lines = (tmp_path / "cost.md").read_text().splitlines()
+    longest = next(line for line in lines if "| seq_len=1024 | 1024 |" in line)
+    assert longest.endswith("| does not fit | - | - |")
+    for bad in (["--call-seconds", "60", "--startup-seconds", "60"], ["--max-group-tokens", "-1"]):
+        with pytest.raises(SystemExit, match="need 0 <= --startup-seconds < --call-seconds"):
+            protocol_cost.main([*args, *bad])

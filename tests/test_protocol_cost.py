@@ -77,13 +77,18 @@ def test_nothing_is_left_to_run_once_every_grid_point_has_a_record(tmp_path):
     assert "## Settings still to run\n\nNone: every grid point has a record." in out.read_text()
 
 
-def test_prices_of_another_attention_or_another_file_are_refused(tmp_path):
+def _one_record_and_prices(tmp_path: Path) -> None:
+    """records.tar.gz with one record (in-context recall's baseline) and epochs.csv, in `tmp_path`."""
     sweep = tmp_path / "sweep"
     (sweep / "run").mkdir(parents=True)
     task, setting = mad_settings()[0]
     (sweep / "run" / RECORD_NAME).write_text(json.dumps(_record(task, setting, 1e-3, 0.0, 50)))
     pack(sweep, tmp_path / "records.tar.gz")
     _prices(tmp_path / "epochs.csv")
+
+
+def test_prices_of_another_attention_or_another_file_are_refused(tmp_path):
+    _one_record_and_prices(tmp_path)
     with pytest.raises(SystemExit, match="no row for attention 'parallax'; it prices: softmax"):
         protocol_cost.main(["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / "epochs.csv"),
                             "--attention", "parallax", "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")])
@@ -123,12 +128,7 @@ def test_a_call_plan_starts_only_stacks_that_finish_before_the_deadline():
 
 
 def test_a_stack_longer_than_a_call_is_said_not_to_fit(tmp_path):
-    sweep = tmp_path / "sweep"
-    (sweep / "run").mkdir(parents=True)
-    task, setting = mad_settings()[0]
-    (sweep / "run" / RECORD_NAME).write_text(json.dumps(_record(task, setting, 1e-3, 0.0, 50)))
-    pack(sweep, tmp_path / "records.tar.gz")
-    _prices(tmp_path / "epochs.csv")
+    _one_record_and_prices(tmp_path)
     args = ["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / "epochs.csv"),
             "--attention", "softmax", "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")]  # fmt: skip
     protocol_cost.main([*args, "--call-seconds", "120", "--startup-seconds", "30"])

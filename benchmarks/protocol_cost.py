@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import sys
 import math
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,9 +197,9 @@ def _still_to_run_lines(args: argparse.Namespace, rows: list[Remaining]) -> list
         f"Planned for calls of {args.call_seconds:.0f} s, {args.startup_seconds:.0f} s of them before the launcher "
         f"starts, with `hydra.launcher.max_group_tokens={args.max_group_tokens}`: stacks that share the GPU each take "
         f"their price times how many share it (times {SHARED_GPU_MARGIN}, measured), plus {COMPILE_SECONDS} s of "
-        "compiling; with the workers and start_until "
-        "below, every stack a call starts finishes in it, and those it does not start wait for the next call (a "
-        "call may name more settings of the same row shape than it runs).", "",
+        "compiling; with the workers and start_until below, every stack a call starts finishes in it, and those it "
+        "does not start wait for the next call (a call may name more settings of the same row shape than it runs).",
+        "",
         "| task | setting | L | grid points to run | GPU-minutes | stacks x runs | one stack, GPU-minutes | "
         "workers per call | start_until, s | calls |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -250,7 +250,8 @@ def write_tables(args, rows, notes, argv) -> None:
              f"Python {platform.python_version()}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- command: `PYTHONPATH=. python benchmarks/bench_throughput.py {' '.join(argv)}`",
-             "- model: the MAD model (conf/model/mad.yaml), batch 128, bf16 autocast on GPU, AdamW; times: median of 3 x "
+             f"- model: the MAD model (conf/model/mad.yaml), batch {SMOKE_BATCH if args.cpu_smoke else 128}, bf16 "
+             "autocast on GPU, AdamW; times: median of 3 x "
              f"{args.steps} steps after warm-up", "",
              "| attention | L | variant | runs | ms per step | run-steps/s | x eager |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip

@@ -16,8 +16,8 @@ lr x wd grid count, as on the leaderboard.
 For what is left it plans device calls (`plan_calls`): per setting, its stacks under the launcher's token cap, how
 many can share the GPU within `--call-seconds`, and the `start_until` that lets every stack a call starts finish.
 The model (start-up, COMPILE_SECONDS per stack, stacks sharing the GPU at SHARED_GPU_MARGIN x their summed price)
-gives 525, 457 and 470 s for three H200 calls priced at 387, 328 and 339 s that took 525, 429 and 446 s
-(analysis/throughput/protocol_cost_softmax_adamw.md).
+gives 544, 474 and 487 s for three H200 calls priced at 387, 328 and 339 s that took 525, 429 and 446 s, install
+and packing included (analysis/throughput/protocol_cost_softmax_adamw.md).
 """
 
 from __future__ import annotations
@@ -45,9 +45,12 @@ from mad.tasks.grid import LEARNING_RATES, WEIGHT_DECAYS, mad_settings  # noqa: 
 EPOCHS = 200
 TARGET_GPU_MINUTES = 60  # issue #8's target for softmax attention
 # Stacks sharing one GPU take about as long as their priced work together: six 6-run stacks at L = 256 on the H200
-# (session 17) ran epochs of 6.8-8.3 s, against 6 x 1.19 s priced (0.95-1.16x). Calls are planned with this margin.
-SHARED_GPU_MARGIN = 1.15
+# (session 17) ran epochs of 6.8-8.3 s, against 6 x 1.19 s priced (0.95-1.16x). Calls are planned above the worst.
+SHARED_GPU_MARGIN = 1.2
 COMPILE_SECONDS = 20  # a stack's compiles and captures before its first epoch (bench_epoch.py's first epoch: 17-21 s)
+# The launcher's clock (start_until) starts before it plans the sweep's jobs and spawns its workers: a start_until
+# shorter than that starts nothing, and 0 means no limit.
+LAUNCH_SECONDS = 30
 _PRICE_COLUMNS = {"attention", "L", "runs", "ms_per_step", "ms_per_test_batch"}
 
 
@@ -61,9 +64,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--call-seconds", type=float, default=540,
                    help="a device call's deadline, to plan calls around (default: %(default)s)")
     p.add_argument("--startup-seconds", type=float, default=60,
-                   help="of a call, before the launcher starts: unpacking, Python, torch, Hydra (default: %(default)s)")
+                   help="of a call, outside the launcher: installing, unpacking, starting Python, torch and Hydra, "
+                        "packing the records (default: %(default)s)")
     p.add_argument("--max-group-tokens", type=int, default=1536,
                    help="the launcher's cap on runs x sequence length per stack (default: %(default)s)")
+    p.add_argument("--max-workers", type=int, default=6,
+                   help="the most stacks a call trains at once; each compiles on the host's cores (default: "
+                        "%(default)s)")
     return p.parse_args(argv)
 
 
@@ -81,6 +88,15 @@ def epoch_prices(epochs_csv: Path, attention: str) -> list[dict]:
     if not mine:
         found = ", ".join(sorted({row["attention"] for row in rows}))
         raise ValueError(f"{epochs_csv} has no row for attention {attention!r}; it prices: {found}")
+    for row in mine:
+        try:
+            ok = all(float(row[key]) > 0 for key in ("ms_per_step", "ms_per_test_batch", "runs"))
+        except ValueError:
+            ok = False
+        if not ok:
+            got = ", ".join(repr(row[key]) for key in ("runs", "ms_per_step", "ms_per_test_batch"))
+            raise ValueError(f"{epochs_csv}: L={row['L']} needs positive numbers for runs, ms_per_step and "
+                             f"ms_per_test_batch, got {got}")
     return mine
 
 
@@ -157,8 +173,8 @@ def still_to_run(prices: list[dict], epochs: dict[tuple, int]) -> list[Remaining
 class CallPlan:
     """How a setting's stacks fit device calls of `call_seconds`: `workers` stacks train at once, sharing the GPU, so
     each takes COMPILE_SECONDS plus `workers` x its price (x SHARED_GPU_MARGIN); none starts after `start_until`
-    (counted from the launcher's start, as `hydra.launcher.start_until`), so every stack that starts finishes;
-    `workers` == 0 when one stack alone outlasts a call."""
+    (counted from the launcher's start, as `hydra.launcher.start_until`; at least LAUNCH_SECONDS), so every stack
+    that starts finishes; `workers` == 0 when one stack alone outlasts a call."""
 
     stacks: int
     runs_per_stack: int
@@ -168,47 +184,48 @@ class CallPlan:
     calls: int
 
 
-def plan_calls(row: Remaining, call_seconds: float, startup_seconds: float, max_group_tokens: int) -> CallPlan:
+def plan_calls(row: Remaining, call_seconds: float, startup_seconds: float, max_group_tokens: int,
+               max_workers: int) -> CallPlan:  # fmt: skip
     size = stack_size(row.seq_len, row.runs, 0, max_group_tokens)
-    stack_s = size * EPOCHS * row.run_epoch_s
-    budget = call_seconds - startup_seconds - COMPILE_SECONDS
-    workers = max(0, int(budget // (stack_s * SHARED_GPU_MARGIN)))
     stacks = math.ceil(row.runs / size)
+    stack_s = size * EPOCHS * row.run_epoch_s
+    budget = call_seconds - startup_seconds - COMPILE_SECONDS  # from the launcher's start to the deadline
+    shared_s = stack_s * SHARED_GPU_MARGIN
+    workers = min(stacks, max_workers, max(0, int((budget - LAUNCH_SECONDS) // shared_s)))
     if workers == 0:
         return CallPlan(stacks, size, stack_s, 0, 0, 0)
-    start_until = int(budget - workers * stack_s * SHARED_GPU_MARGIN)
-    return CallPlan(stacks, size, stack_s, workers, start_until, math.ceil(stacks / workers))
+    return CallPlan(stacks, size, stack_s, workers, int(budget - workers * shared_s), math.ceil(stacks / workers))
+
+
+def _plan_row(args: argparse.Namespace, row: Remaining) -> str:
+    plan = plan_calls(row, args.call_seconds, args.startup_seconds, args.max_group_tokens, args.max_workers)
+    fit = f"{plan.workers} | {plan.start_until} | {plan.calls}" if plan.workers else "does not fit | - | -"
+    return (f"| {row.task} | {setting_label(row.task, row.setting)} | `{setting_id(row.task, row.setting)}` | "
+            f"{row.seq_len} | {row.runs} | {row.seconds / 60:.1f} | {plan.stacks} x {plan.runs_per_stack} | "
+            f"{plan.stack_seconds / 60:.1f} | {fit} |")
 
 
 def _still_to_run_lines(args: argparse.Namespace, rows: list[Remaining]) -> list[str]:
     if not rows:
         return ["## Settings still to run", "", "None: every grid point has a record.", ""]
-    lines = []
-    for row in rows:
-        plan = plan_calls(row, args.call_seconds, args.startup_seconds, args.max_group_tokens)
-        fit = (f"{plan.workers} | {plan.start_until} | {plan.calls}" if plan.workers
-               else "does not fit | - | -")  # fmt: skip
-        lines.append(f"| {row.task} | {setting_label(row.task, row.setting)} | {row.seq_len} | {row.runs} | "
-                     f"{row.seconds / 60:.1f} | {plan.stacks} x {plan.runs_per_stack} | "
-                     f"{plan.stack_seconds / 60:.1f} | {fit} |")  # fmt: skip
     return [
         "## Settings still to run", "",
         "Priced as above at 200 epochs on a GPU of its own; a stack that stops early (every run done) takes less. "
-        f"Planned for calls of {args.call_seconds:.0f} s, {args.startup_seconds:.0f} s of them before the launcher "
-        f"starts, with `hydra.launcher.max_group_tokens={args.max_group_tokens}`: stacks that share the GPU each take "
-        f"their price times how many share it (times {SHARED_GPU_MARGIN}, measured), plus {COMPILE_SECONDS} s of "
-        "compiling; with the workers and start_until below, every stack a call starts finishes in it, and those it "
-        "does not start wait for the next call (a call may name more settings of the same row shape than it runs).",
-        "",
-        "| task | setting | L | grid points to run | GPU-minutes | stacks x runs | one stack, GPU-minutes | "
-        "workers per call | start_until, s | calls |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        *lines, "",
-        "A call: `bash benchmarks/device_sweep.sh ARCHIVE SECONDS runs/sweeps/mad +sweep=mad "
-        f"attention={args.attention} optimizer={args.optimizer} mad_setting=ID,ID,... "
-        f"hydra.launcher.max_group_tokens={args.max_group_tokens} hydra.launcher.workers_per_device=W "
-        "hydra.launcher.compile=true hydra.launcher.start_until=S`, the settings' IDs being "
-        + ", ".join(f"`{setting_id(row.task, row.setting)}`" for row in rows) + ".", ""]  # fmt: skip
+        f"Planned for calls of {args.call_seconds:.0f} s, {args.startup_seconds:.0f} s of them outside the launcher, "
+        f"with `hydra.launcher.max_group_tokens={args.max_group_tokens}` and at most {args.max_workers} workers: "
+        f"stacks that share the GPU each take their price times how many share it (times {SHARED_GPU_MARGIN}, above "
+        f"the measured worst), plus {COMPILE_SECONDS} s of compiling. With a row's workers and start_until, every "
+        "stack a call starts finishes in it, and those it does not start wait for the next call.", "",
+        "| task | setting | mad_setting | L | grid points to run | GPU-minutes | stacks x runs | "
+        "one stack, GPU-minutes | workers per call | start_until, s | calls |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(_plan_row(args, row) for row in rows), "",
+        "A call, for one row, or for rows with the same workers and the smallest of their start_until: "
+        "`bash benchmarks/device_sweep.sh "
+        f"ARCHIVE {args.call_seconds:.0f} runs/sweeps/mad +sweep=mad attention={args.attention} "
+        f"optimizer={args.optimizer} mad_setting=ID,... hydra.launcher.max_group_tokens={args.max_group_tokens} "
+        "hydra.launcher.workers_per_device=W hydra.launcher.compile=true hydra.launcher.start_until=S`.",
+        ""]  # fmt: skip
 
 
 def markdown(args: argparse.Namespace, argv: list[str], table: dict, prices: list[dict], n_records: int,
@@ -252,9 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.records, args.epochs):
         if not path.is_file():
             sys.exit(f"protocol_cost: {path} is not a file")
-    if not 0 <= args.startup_seconds < args.call_seconds or args.max_group_tokens < 0:
-        sys.exit(f"protocol_cost: need 0 <= --startup-seconds < --call-seconds and --max-group-tokens >= 0 "
-                 f"(0: no cap); got {args.startup_seconds:g}, {args.call_seconds:g} and {args.max_group_tokens}")
+    if not (0 <= args.startup_seconds < args.call_seconds < math.inf and args.max_group_tokens >= 0
+            and args.max_workers >= 1):  # fmt: skip
+        sys.exit(f"protocol_cost: need 0 <= --startup-seconds < --call-seconds < inf, --max-group-tokens >= 0 "
+                 f"(0: no cap) and --max-workers >= 1; got {args.startup_seconds:g}, {args.call_seconds:g}, "
+                 f"{args.max_group_tokens} and {args.max_workers}")
     try:
         prices = epoch_prices(args.epochs, args.attention)
         records = read_records(args.records)

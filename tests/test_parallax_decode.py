@@ -287,7 +287,8 @@ def _run_large_probe_cases() -> dict:
 # included) leave short sequences empty splits at every count above 1. (splits_fp32 above runs every count.)
 MERGE_CASES = [  # split counts below the tile count (splits of several tiles) and above it (empty splits)
     ("g1_fp32", 3, 2, 2, 100, 64, "float32", [3]),
-    ("max_fp32", 2, 2, 1, 100, 64, "float32", [MAX_SPLITS]),  # one KV head: the interpreter runs each program in turn
+    ("g1_max_fp32", 3, 1, 1, 100, 64, "float32", [MAX_SPLITS]),  # one head per sequence: the interpreter runs
+    # each of the 3 x 64 programs in turn
     ("g2_fp16", 3, 4, 2, 100, 64, "float16", [5]),
     ("g4_fp32_d128", 2, 8, 2, 70, 128, "float32", [2]),
     ("g8_fp16", 2, 8, 1, 45, 64, "float16", [4]),

@@ -56,11 +56,11 @@ def test_the_cost_counts_recorded_epochs_and_the_most_for_the_rest(tmp_path):
     assert "the runs with a record trained 25% of their 200 epochs" in text
     left = text[text.index("## Settings still to run"):].splitlines()
     rows = [line.split(" | ") for line in left if line.startswith("| ") and not line.startswith(("| task", "| ---"))]
-    assert len(rows) == len(mad_settings()) and rows[0][2] == "1024"  # every setting; the longest cost the most
+    assert len(rows) == len(mad_settings()) and rows[0][3] == "1024"  # every setting; the longest cost the most
     baseline = next(row for row in rows if row[0] == f"| {task}" and row[1] == "baseline")
-    assert baseline[3] == "5" and baseline[4] == f"{5 * 200 * run_epoch_s / 60:.1f}"  # one of its six has a record
-    assert baseline[5] == "1 x 5"  # one stack: 5 runs x L=128 is within the default 1536 tokens
-    assert "`in_context_recall__baseline`" in text  # the ids a call's mad_setting takes
+    assert baseline[2] == "`in_context_recall__baseline`"  # what a call's mad_setting takes
+    assert baseline[4] == "5" and baseline[5] == f"{5 * 200 * run_epoch_s / 60:.1f}"  # one of its six has a record
+    assert baseline[6] == "1 x 5"  # one stack: 5 runs x L=128 is within the default 1536 tokens
 
 
 def test_nothing_is_left_to_run_once_every_grid_point_has_a_record(tmp_path):
@@ -108,22 +108,25 @@ def _remaining(seq_len: int, runs: int, run_epoch_s: float):
 
 def test_a_call_plan_starts_only_stacks_that_finish_before_the_deadline():
     """Stacks sharing the GPU each take their price times how many share it: at L=1024, 1536 tokens make one-run
-    stacks of 200 s; a 540-s call with 60 s of start-up and 20 s of compiling leaves 460 s, the time of two such
-    stacks sharing the GPU (2 x 200 x 1.15): two at once, and none started later."""
-    margin, compile_s = protocol_cost.SHARED_GPU_MARGIN, protocol_cost.COMPILE_SECONDS
-    plan = protocol_cost.plan_calls(_remaining(1024, 6, 1.0), 540, 60, 1536)
+    stacks of 200 s (240 s with the margin); a 540-s call with 60 s outside the launcher and 20 s of compiling
+    leaves 460 s, too little for two sharing the GPU once the launcher has started (30 s): one at a time, and none
+    started after 220 s."""
+    margin, compile_s, launch_s = (protocol_cost.SHARED_GPU_MARGIN, protocol_cost.COMPILE_SECONDS,
+                                   protocol_cost.LAUNCH_SECONDS)  # fmt: skip
+    plan = protocol_cost.plan_calls(_remaining(1024, 6, 1.0), 540, 60, 1536, 6)
     assert (plan.stacks, plan.runs_per_stack, plan.stack_seconds) == (6, 1, 200.0)
-    assert plan.workers == int((540 - 60 - compile_s) // (200 * margin)) == 2
-    assert plan.start_until == 0 and plan.calls == 3
-    longer = protocol_cost.plan_calls(_remaining(1024, 6, 1.0), 1650, 60, 1536)  # three chained calls
-    assert longer.workers == 6 and longer.calls == 1
-    for call_s, runs, epoch_s, tokens in [(540, 6, 0.2, 1536), (300, 5, 0.05, 0), (900, 4, 0.3, 2048)]:
-        plan = protocol_cost.plan_calls(_remaining(256, runs, epoch_s), call_s, 60, tokens)
-        assert plan.stacks * plan.runs_per_stack >= runs and plan.workers >= 1
-        # the last stack to start, started at start_until, ends inside the call
+    assert (plan.workers, plan.start_until, plan.calls) == (1, int(460 - 200 * margin), 6)
+    longer = protocol_cost.plan_calls(_remaining(1024, 6, 1.0), 1650, 60, 1536, 6)  # three chained calls
+    assert longer.workers == 6 and longer.calls == 1 and longer.start_until >= launch_s
+    capped = protocol_cost.plan_calls(_remaining(1024, 6, 1.0), 1650, 60, 1536, 4)
+    assert capped.workers == 4 and capped.calls == 2
+    for call_s, runs, epoch_s, tokens in [(540, 6, 0.2, 1536), (300, 5, 0.05, 0), (900, 6, 0.3, 512), (540, 6, 0.01, 0)]:
+        plan = protocol_cost.plan_calls(_remaining(256, runs, epoch_s), call_s, 60, tokens, 6)
+        assert plan.stacks * plan.runs_per_stack >= runs and 1 <= plan.workers <= min(plan.stacks, 6)
+        assert plan.start_until >= launch_s  # 0 would mean no limit to the launcher, and less starts nothing
+        # a stack started at start_until ends inside the call
         assert 60 + plan.start_until + compile_s + plan.workers * plan.stack_seconds * margin <= call_s
-        assert 60 + compile_s + (plan.workers + 1) * plan.stack_seconds * margin > call_s  # one more would not fit
-    too_long = protocol_cost.plan_calls(_remaining(1024, 6, 3.0), 540, 60, 1536)  # 600 s alone
+    too_long = protocol_cost.plan_calls(_remaining(1024, 6, 3.0), 540, 60, 1536, 6)  # 600 s alone
     assert too_long.workers == 0 and too_long.calls == 0
 
 
@@ -133,8 +136,24 @@ def test_a_stack_longer_than_a_call_is_said_not_to_fit(tmp_path):
             "--attention", "softmax", "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")]  # fmt: skip
     protocol_cost.main([*args, "--call-seconds", "120", "--startup-seconds", "30"])
     lines = (tmp_path / "cost.md").read_text().splitlines()
-    longest = next(line for line in lines if "| seq_len=1024 | 1024 |" in line)
+    longest = next(line for line in lines if "__seq_len_1024` | 1024 |" in line)
     assert longest.endswith("| does not fit | - | - |")
-    for bad in (["--call-seconds", "60", "--startup-seconds", "60"], ["--max-group-tokens", "-1"]):
-        with pytest.raises(SystemExit, match="need 0 <= --startup-seconds < --call-seconds"):
+    for bad in (["--call-seconds", "60", "--startup-seconds", "60"], ["--max-group-tokens", "-1"],
+                ["--call-seconds", "inf"], ["--max-workers", "0"]):  # fmt: skip
+        with pytest.raises(SystemExit, match="need 0 <= --startup-seconds < --call-seconds < inf"):
             protocol_cost.main([*args, *bad])
+
+
+def test_prices_that_are_not_positive_are_refused(tmp_path):
+    _one_record_and_prices(tmp_path)
+    with open(tmp_path / "epochs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[1]["ms_per_step"] = "0"  # L=128
+    with open(tmp_path / "epochs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(SystemExit, match="L=128 needs positive numbers for runs, ms_per_step and ms_per_test_batch"):
+        protocol_cost.main(["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / "epochs.csv"),
+                            "--attention", "softmax", "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")])
+    assert not (tmp_path / "cost.md").exists()

@@ -21,6 +21,12 @@ def _record(task, setting, lr, wd, epochs, attention="softmax", profile="full"):
     return record
 
 
+def _cli(tmp_path: Path, attention: str = "softmax", epochs: str = "epochs.csv") -> list[str]:
+    """protocol_cost.py's arguments for tmp_path's records.tar.gz and `epochs`, writing tmp_path/cost.md."""
+    return ["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / epochs), "--attention", attention,
+            "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")]  # fmt: skip
+
+
 def _prices(path: Path) -> list[dict]:
     """A bench_epoch.py CSV: a 6-run stack's training step costs 100 x L/128 ms, a test batch 0.5 ms."""
     rows = [{"attention": "softmax", "L": n, "runs": 6, "steps_per_epoch": 20, "first_epoch_s": 20.0,
@@ -43,8 +49,7 @@ def test_the_cost_counts_recorded_epochs_and_the_most_for_the_rest(tmp_path):
     assert pack(sweep, tmp_path / "records.tar.gz") == 3
     prices = _prices(tmp_path / "epochs.csv")
     out = tmp_path / "cost.md"
-    assert protocol_cost.main(["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / "epochs.csv"),
-                               "--attention", "softmax", "--optimizer", "adamw", "--out", str(out)]) == 0  # fmt: skip
+    assert protocol_cost.main(_cli(tmp_path)) == 0
     text = out.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| 128 |")).split(" | ")
     assert row[1:5] == ["28", "168", "1", "50"]  # settings, grid points, with a record, their epochs
@@ -72,8 +77,7 @@ def test_nothing_is_left_to_run_once_every_grid_point_has_a_record(tmp_path):
     pack(sweep, tmp_path / "records.tar.gz")
     _prices(tmp_path / "epochs.csv")
     out = tmp_path / "cost.md"
-    protocol_cost.main(["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / "epochs.csv"),
-                        "--attention", "softmax", "--optimizer", "adamw", "--out", str(out)])  # fmt: skip
+    protocol_cost.main(_cli(tmp_path))
     assert "## Settings still to run\n\nNone: every grid point has a record." in out.read_text()
 
 
@@ -90,14 +94,12 @@ def _one_record_and_prices(tmp_path: Path) -> None:
 def test_prices_of_another_attention_or_another_file_are_refused(tmp_path):
     _one_record_and_prices(tmp_path)
     with pytest.raises(SystemExit, match="no row for attention 'parallax'; it prices: softmax"):
-        protocol_cost.main(["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / "epochs.csv"),
-                            "--attention", "parallax", "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")])
+        protocol_cost.main(_cli(tmp_path, attention="parallax"))
     (tmp_path / "throughput.csv").write_text("attention,L,variant,run_steps_per_s\nsoftmax,128,graph,1000\n")
     for epochs, message in [("throughput.csv", "no column.*ms_per_step.*expected bench_epoch.py's CSV"),
                             ("records.tar.gz", "records.tar.gz: not a CSV file")]:  # fmt: skip
         with pytest.raises(SystemExit, match=message):
-            protocol_cost.main(["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / epochs),
-                                "--attention", "softmax", "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")])
+            protocol_cost.main(_cli(tmp_path, epochs=epochs))
     assert not (tmp_path / "cost.md").exists()
 
 
@@ -120,7 +122,8 @@ def test_a_call_plan_starts_only_stacks_that_finish_before_the_deadline():
     assert longer.workers == 6 and longer.calls == 1 and longer.start_until >= launch_s
     capped = protocol_cost.plan_calls(_remaining(1024, 6, 1.0), 1650, 60, 1536, 4)
     assert capped.workers == 4 and capped.calls == 2
-    for call_s, runs, epoch_s, tokens in [(540, 6, 0.2, 1536), (300, 5, 0.05, 0), (900, 6, 0.3, 512), (540, 6, 0.01, 0)]:
+    cases = [(540, 6, 0.2, 1536), (300, 5, 0.05, 0), (900, 6, 0.3, 512), (540, 6, 0.01, 0)]
+    for call_s, runs, epoch_s, tokens in cases:  # (call seconds, runs, seconds per run-epoch, max_group_tokens)
         plan = protocol_cost.plan_calls(_remaining(256, runs, epoch_s), call_s, 60, tokens, 6)
         assert plan.stacks * plan.runs_per_stack >= runs and 1 <= plan.workers <= min(plan.stacks, 6)
         assert plan.start_until >= launch_s  # 0 would mean no limit to the launcher, and less starts nothing
@@ -132,8 +135,7 @@ def test_a_call_plan_starts_only_stacks_that_finish_before_the_deadline():
 
 def test_a_stack_longer_than_a_call_is_said_not_to_fit(tmp_path):
     _one_record_and_prices(tmp_path)
-    args = ["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / "epochs.csv"),
-            "--attention", "softmax", "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")]  # fmt: skip
+    args = _cli(tmp_path)
     protocol_cost.main([*args, "--call-seconds", "120", "--startup-seconds", "30"])
     lines = (tmp_path / "cost.md").read_text().splitlines()
     longest = next(line for line in lines if "__seq_len_1024` | 1024 |" in line)
@@ -154,6 +156,5 @@ def test_prices_that_are_not_positive_are_refused(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     with pytest.raises(SystemExit, match="L=128 needs positive numbers for runs, ms_per_step and ms_per_test_batch"):
-        protocol_cost.main(["--records", str(tmp_path / "records.tar.gz"), "--epochs", str(tmp_path / "epochs.csv"),
-                            "--attention", "softmax", "--optimizer", "adamw", "--out", str(tmp_path / "cost.md")])
+        protocol_cost.main(_cli(tmp_path))
     assert not (tmp_path / "cost.md").exists()

@@ -1,20 +1,31 @@
-# A slice of a sweep on the device machine, within one call: resume from a records archive, train with the stacked
-# launcher until a deadline, hand back every finished record as an archive. From the repository root:
+# A slice of a sweep on the device machine, within one call: resume from what the previous call handed back, train
+# with the stacked launcher until a deadline, hand back every finished record and the checkpoints of the stacks the
+# deadline stopped. From the repository root:
 #   source benchmarks/device_env.sh .whl
-#   bash benchmarks/device_sweep.sh ARCHIVE SECONDS SWEEP_DIR [mad.run overrides ...]
-# e.g.  bash benchmarks/device_sweep.sh analysis/mad/records.tar.gz 500 runs/sweeps/mad +sweep=mad attention=softmax optimizer=adamw
-# ARCHIVE (if it exists) is merged into SWEEP_DIR first (python -m mad.archive unpack), so finished runs are skipped;
-# after SECONDS the sweep gets SIGINT (a run stopped mid-training leaves no record: the next call resumes its stack from
-# the checkpoints under SWEEP_DIR if it lands on the same machine, still warm, and redoes it otherwise; runs that had
-# left their stack keep theirs); then $OUT/records.tar.gz receives every finished record under SWEEP_DIR, the old
-# ones included. So that no stack is cut off, add `hydra.launcher.start_until=S` with S = SECONDS minus the longest
-# stack's time and minus the launcher's start-up (it counts from when the launcher starts, after Python, torch and
-# Hydra have loaded: ~10-30 s): no stack starts after S seconds, and the call ends when the last one finishes.
+#   bash benchmarks/device_sweep.sh CARRY SECONDS SWEEP_DIR [mad.run overrides ...]
+# e.g.  bash benchmarks/device_sweep.sh _branch/carry 480 runs/sweeps/mad +sweep=mad attention=softmax optimizer=adamw
+# CARRY: the folder the previous call's $OUT came back in (records.tar.gz and any checkpoints-N.tar), a records
+# archive alone, or a path that does not exist (a first call). It is merged into SWEEP_DIR first (mad.archive,
+# mad.checkpoint_archive): finished runs are skipped, stopped stacks resume. The sweep's clock starts with its Python
+# process: at SECONDS - STOP_MARGIN (default 40 s, `hydra.launcher.stop_at`; an override given here wins) every stack
+# checkpoints at the end of its epoch and stops, and none starts; at SECONDS the sweep gets SIGINT (what was trained
+# since a stack's last checkpoint is lost then). Then $OUT/records.tar.gz receives every finished record under
+# SWEEP_DIR, the old ones included, and $OUT/checkpoints-N.tar the checkpoints, in parts of 15 MiB, CHECKPOINT_MIB
+# (default 36) in all: what the next call can carry in beside the repository (64 MiB travel: ~19 tracked, ~4 of
+# records, 1.5 of wheels). Copy the files back into a folder of their own and pass it as the next call's CARRY.
 set -uo pipefail
-: "${OUT:?set OUT to the folder that receives records.tar.gz}"
-archive=$1 seconds=$2 sweep=$3
+: "${OUT:?set OUT to the folder that receives records.tar.gz and checkpoints-N.tar}"
+carry=$1 seconds=$2 sweep=$3
 shift 3
-if [ -f "$archive" ]; then python3 -m mad.archive unpack "$archive" -C "$sweep" || exit 1; fi
-timeout -s INT -k 30 "$seconds" python3 -m mad.run -m "$@" hydra/launcher=stacked progress=false "hydra.sweep.dir=$sweep"
+records=$carry
+[ -d "$carry" ] && records=$carry/records.tar.gz
+if [ -f "$records" ]; then python3 -m mad.archive unpack "$records" -C "$sweep" || exit 1; fi
+shopt -s nullglob
+parts=("$carry"/checkpoints-*.tar)
+if [ ${#parts[@]} -gt 0 ]; then python3 -m mad.checkpoint_archive unpack "${parts[@]}" -C "$sweep" || exit 1; fi
+stop_at=$((seconds - ${STOP_MARGIN:-40}))
+timeout -s INT -k 30 "$seconds" python3 -m mad.run -m "hydra.launcher.stop_at=$stop_at" "$@" hydra/launcher=stacked \
+  progress=false "hydra.sweep.dir=$sweep"
 echo "sweep exit status $? (124: stopped at the deadline)"
 python3 -m mad.archive pack "$sweep" -o "$OUT/records.tar.gz"
+python3 -m mad.checkpoint_archive pack "$sweep" -o "$OUT" --part-mb 15 --max-mb "${CHECKPOINT_MIB:-36}"

@@ -13,11 +13,8 @@ stack and per size a stack shrinks to) and assumes a stack's epoch shrinks with 
 GPU is the bound (L >= 256) and flatters short lengths. Only records of the full profile on the protocol's
 lr x wd grid count, as on the leaderboard.
 
-For what is left it plans device calls (`plan_calls`): per setting, its stacks under the launcher's token cap, how
-many can share the GPU within `--call-seconds`, and the `start_until` that lets every stack a call starts finish.
-The model (start-up, COMPILE_SECONDS per stack, stacks sharing the GPU at SHARED_GPU_MARGIN x their summed price)
-gives 544, 474 and 487 s for three H200 calls priced at 387, 328 and 339 s that took 525, 429 and 446 s, install
-and packing included (analysis/throughput/protocol_cost_softmax_adamw.md).
+For what is left it plans device calls (benchmarks/call_plan.py): calls of `--call-seconds` on `--gpus` GPUs, each
+stopping its stacks at its deadline with their checkpoints, which the next call resumes.
 """
 
 from __future__ import annotations
@@ -36,6 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_epoch import protocol_minutes, stack_epoch_seconds  # noqa: E402
+from benchmarks.call_plan import OUTSIDE_SECONDS, Slice, plan_calls, runs_per_stack, split_stacks  # noqa: E402
 from mad.archive import read_records  # noqa: E402
 from mad.leaderboard import setting_label  # noqa: E402
 from mad.setting_configs import setting_id  # noqa: E402
@@ -44,13 +42,6 @@ from mad.tasks.grid import LEARNING_RATES, WEIGHT_DECAYS, mad_settings  # noqa: 
 
 EPOCHS = 200
 TARGET_GPU_MINUTES = 60  # issue #8's target for softmax attention
-# Stacks sharing one GPU take about as long as their priced work together: six 6-run stacks at L = 256 on the H200
-# (session 17) ran epochs of 6.8-8.3 s, against 6 x 1.19 s priced (0.95-1.16x). Calls are planned above the worst.
-SHARED_GPU_MARGIN = 1.2
-COMPILE_SECONDS = 20  # a stack's compiles and captures before its first epoch (bench_epoch.py's first epoch: 17-21 s)
-# The launcher's clock (start_until) starts before it plans the sweep's jobs and spawns its workers: a start_until
-# shorter than that starts nothing, and 0 means no limit.
-LAUNCH_SECONDS = 30
 _PRICE_COLUMNS = {"attention", "L", "runs", "ms_per_step", "ms_per_test_batch"}
 
 
@@ -61,16 +52,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--attention", required=True)
     p.add_argument("--optimizer", required=True)
     p.add_argument("--out", type=Path, required=True, help="Markdown file to write")
-    p.add_argument("--call-seconds", type=float, default=540,
-                   help="a device call's deadline, to plan calls around (default: %(default)s)")
-    p.add_argument("--startup-seconds", type=float, default=60,
-                   help="of a call, outside the launcher: installing, unpacking, starting Python, torch and Hydra, "
-                        "packing the records (default: %(default)s)")
-    p.add_argument("--max-group-tokens", type=int, default=1536,
-                   help="the launcher's cap on runs x sequence length per stack (default: %(default)s)")
-    p.add_argument("--max-workers", type=int, default=6,
-                   help="the most stacks a call trains at once; each compiles on the host's cores (default: "
-                        "%(default)s)")
+    p.add_argument("--call-seconds", type=float, default=570,
+                   help="a device call's length, install and packing included, to plan calls around (default: "
+                        "%(default)s; a call may take at most 600)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of the machine the calls run on (default: %(default)s)")
+    p.add_argument("--checkpoint-mib", type=float, default=5.0,
+                   help="one run's checkpoint (default: %(default)s; 4.7 for a MAD softmax run with AdamW)")
+    p.add_argument("--carry-mib", type=float, default=36.0,
+                   help="checkpoints a call can carry in and hand back (default: %(default)s, device_sweep.sh's "
+                        "CHECKPOINT_MIB)")
     return p.parse_args(argv)
 
 
@@ -169,63 +159,56 @@ def still_to_run(prices: list[dict], epochs: dict[tuple, int]) -> list[Remaining
     return sorted(rows, key=lambda row: -row.seconds)
 
 
-@dataclass
-class CallPlan:
-    """How a setting's stacks fit device calls of `call_seconds`: `workers` stacks train at once, sharing the GPU, so
-    each takes COMPILE_SECONDS plus `workers` x its price (x SHARED_GPU_MARGIN); none starts after `start_until`
-    (counted from the launcher's start, as `hydra.launcher.start_until`; at least LAUNCH_SECONDS), so every stack
-    that starts finishes; `workers` == 0 when one stack alone outlasts a call."""
-
-    stacks: int
-    runs_per_stack: int
-    stack_seconds: float  # one stack on a GPU of its own, at 200 epochs
-    workers: int
-    start_until: int
-    calls: int
-
-
-def plan_calls(row: Remaining, call_seconds: float, startup_seconds: float, max_group_tokens: int,
-               max_workers: int) -> CallPlan:  # fmt: skip
-    size = stack_size(row.seq_len, row.runs, 0, max_group_tokens)
-    stacks = math.ceil(row.runs / size)
-    stack_s = size * EPOCHS * row.run_epoch_s
-    budget = call_seconds - startup_seconds - COMPILE_SECONDS  # from the launcher's start to the deadline
-    shared_s = stack_s * SHARED_GPU_MARGIN
-    workers = min(stacks, max_workers, max(0, int((budget - LAUNCH_SECONDS) // shared_s)))
-    if workers == 0:
-        return CallPlan(stacks, size, stack_s, 0, 0, 0)
-    return CallPlan(stacks, size, stack_s, workers, int(budget - workers * shared_s), math.ceil(stacks / workers))
-
-
-def _plan_row(args: argparse.Namespace, row: Remaining) -> str:
-    plan = plan_calls(row, args.call_seconds, args.startup_seconds, args.max_group_tokens, args.max_workers)
-    fit = f"{plan.workers} | {plan.start_until} | {plan.calls}" if plan.workers else "does not fit | - | -"
+def _setting_row(row: Remaining, max_group: int) -> str:
+    size = stack_size(row.seq_len, row.runs, max_group)
     return (f"| {row.task} | {setting_label(row.task, row.setting)} | `{setting_id(row.task, row.setting)}` | "
-            f"{row.seq_len} | {row.runs} | {row.seconds / 60:.1f} | {plan.stacks} x {plan.runs_per_stack} | "
-            f"{plan.stack_seconds / 60:.1f} | {fit} |")
+            f"{row.seq_len} | {row.runs} | {row.seconds / 60:.1f} | {-(-row.runs // size)} x {size} |")
+
+
+def _call_row(number: int, slices: list[Slice]) -> str:
+    """One call's stacks by setting: `in_context_recall__seq_len_1024: 4 x 0% -> 100%, 2 x 0% -> 92%`."""
+    spans: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for s in slices:
+        spans[s.setting][f"{s.before:.0%} -> {s.after:.0%}"] += 1
+    trained = "; ".join(f"{setting}: " + ", ".join(f"{n} x {span}" if n > 1 else span for span, n in counts.items())
+                        for setting, counts in spans.items())  # fmt: skip
+    return f"| {number} | {trained} |"
 
 
 def _still_to_run_lines(args: argparse.Namespace, rows: list[Remaining]) -> list[str]:
     if not rows:
         return ["## Settings still to run", "", "None: every grid point has a record.", ""]
+    max_group = runs_per_stack(args.gpus, args.checkpoint_mib, args.carry_mib)
+    settings = [(setting_id(r.task, r.setting), r.seq_len, r.runs, r.run_epoch_s) for r in rows]
+    calls = plan_calls(split_stacks(settings, max_group), args.gpus, args.call_seconds)
+    seconds = args.call_seconds - OUTSIDE_SECONDS
+    group = f" hydra.launcher.max_group={max_group}" if max_group < 6 else ""
     return [
         "## Settings still to run", "",
-        "Priced as above at 200 epochs on a GPU of its own; a stack that stops early (every run done) takes less. "
-        f"Planned for calls of {args.call_seconds:.0f} s, {args.startup_seconds:.0f} s of them outside the launcher, "
-        f"with `hydra.launcher.max_group_tokens={args.max_group_tokens}` and at most {args.max_workers} workers: "
-        f"stacks that share the GPU each take their price times how many share it (times {SHARED_GPU_MARGIN}, above "
-        f"the measured worst), plus {COMPILE_SECONDS} s of compiling. With a row's workers and start_until, every "
-        "stack a call starts finishes in it, and those it does not start wait for the next call.", "",
-        "| task | setting | mad_setting | L | grid points to run | GPU-minutes | stacks x runs | "
-        "one stack, GPU-minutes | workers per call | start_until, s | calls |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        *(_plan_row(args, row) for row in rows), "",
-        "A call, for one row, or for rows with the same workers and the smallest of their start_until: "
-        "`bash benchmarks/device_sweep.sh "
-        f"ARCHIVE {args.call_seconds:.0f} runs/sweeps/mad +sweep=mad attention={args.attention} "
-        f"optimizer={args.optimizer} mad_setting=ID,... hydra.launcher.max_group_tokens={args.max_group_tokens} "
-        "hydra.launcher.workers_per_device=W hydra.launcher.compile=true hydra.launcher.start_until=S`.",
-        ""]  # fmt: skip
+        "Priced as above at 200 epochs; a stack that stops early (every run done) takes less.", "",
+        "| task | setting | mad_setting | L | grid points to run | GPU-minutes | stacks x runs |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        *(_setting_row(row, max_group) for row in rows), "",
+        f"## {len(calls)} device calls for them", "",
+        f"Calls of {args.call_seconds:.0f} s on {args.gpus} GPU(s) (benchmarks/call_plan.py): each stops its stacks "
+        "at its deadline with their checkpoints and hands them back, and the next resumes them, so no training is "
+        f"lost. Stacks of at most {max_group} run{'s' if max_group > 1 else ''}, so that one per GPU has checkpoints of "
+        f"{args.checkpoint_mib:g} MiB a run within the {args.carry_mib:g} MiB a call carries. "
+        f"{len(calls)} calls: {len(calls) * args.call_seconds / 60:.0f} device-minutes, each machine's start-up "
+        "aside. Each row: per setting, its stacks' share of their 200 epochs trained before and after the call "
+        "(times how many stacks):", "",
+        "| call | trains |", "| ---: | --- |",
+        *(_call_row(number, slices) for number, slices in enumerate(calls, start=1)), "",
+        "Every call is the same command, CARRY being the folder that holds what the previous call handed back "
+        "(none for the first):", "",
+        f"    bash benchmarks/device_sweep.sh CARRY {seconds:.0f} runs/sweeps/mad +sweep=mad attention={args.attention} "
+        f"optimizer={args.optimizer} {_settings_override(settings)}hydra.launcher.compile=true{group}", ""]  # fmt: skip
+
+
+def _settings_override(settings: list[tuple]) -> str:
+    """`mad_setting=ID,...` for the settings left (their jobs alone are planned), none when every setting is."""
+    ids = list(dict.fromkeys(s[0] for s in settings))
+    return "" if len(ids) == len(mad_settings()) else f"mad_setting={','.join(ids)} "
 
 
 def markdown(args: argparse.Namespace, argv: list[str], table: dict, prices: list[dict], n_records: int,
@@ -269,18 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.records, args.epochs):
         if not path.is_file():
             sys.exit(f"protocol_cost: {path} is not a file")
-    if not (0 <= args.startup_seconds < args.call_seconds < math.inf and args.max_group_tokens >= 0
-            and args.max_workers >= 1):  # fmt: skip
-        sys.exit(f"protocol_cost: need 0 <= --startup-seconds < --call-seconds < inf, --max-group-tokens >= 0 "
-                 f"(0: no cap) and --max-workers >= 1; got {args.startup_seconds:g}, {args.call_seconds:g}, "
-                 f"{args.max_group_tokens} and {args.max_workers}")
+    if not (OUTSIDE_SECONDS < args.call_seconds < math.inf and args.gpus >= 1 and args.checkpoint_mib > 0
+            and args.carry_mib > 0):  # fmt: skip
+        sys.exit(f"protocol_cost: need {OUTSIDE_SECONDS} < --call-seconds < inf, --gpus >= 1, --checkpoint-mib > 0 "
+                 f"and --carry-mib > 0; got {args.call_seconds:g}, {args.gpus}, {args.checkpoint_mib:g} and "
+                 f"{args.carry_mib:g}")
     try:
         prices = epoch_prices(args.epochs, args.attention)
         records = read_records(args.records)
+        epochs = recorded_epochs(records, args.attention, args.optimizer)
+        text = markdown(args, argv, cost_by_length(prices, epochs), prices, len(records), still_to_run(prices, epochs))
     except ValueError as e:
         sys.exit(f"protocol_cost: {e}")
-    epochs = recorded_epochs(records, args.attention, args.optimizer)
-    text = markdown(args, argv, cost_by_length(prices, epochs), prices, len(records), still_to_run(prices, epochs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

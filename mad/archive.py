@@ -28,7 +28,7 @@ from mad.results import RECORD_NAME, WEIGHTS_NAME, read_record, write_json_atomi
 
 def finished_run_dirs(sweep_dir: Path) -> list[Path]:
     """Run directories under `sweep_dir` whose record is finished, sorted."""
-    return [path.parent for path in sorted(Path(sweep_dir).rglob(RECORD_NAME)) if _finished_or_none(path) is not None]
+    return [path.parent for path in sorted(Path(sweep_dir).rglob(RECORD_NAME)) if finished_or_none(path) is not None]
 
 
 def pack(sweep_dir: Path, out: Path, *, weights: bool = False) -> int:
@@ -54,7 +54,7 @@ def read_records(archive: Path) -> dict[PurePosixPath, dict]:
     return _read(archive, records_only=True)[1]
 
 
-def _safe_member(name: str) -> PurePosixPath:
+def safe_member(name: str) -> PurePosixPath:
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts or not path.parts:
         raise ValueError(f"archive member {name!r} is not a relative path inside the sweep directory")
@@ -68,7 +68,7 @@ def _read(archive: Path, records_only: bool = False) -> tuple[dict[PurePosixPath
         members = [m for m in tar.getmembers() if m.isfile()]
         if records_only:
             members = [m for m in members if PurePosixPath(m.name).name == RECORD_NAME]
-        payload = {_safe_member(m.name): tar.extractfile(m).read() for m in members}
+        payload = {safe_member(m.name): tar.extractfile(m).read() for m in members}
     records = {path.parent: json.loads(data) for path, data in payload.items() if path.name == RECORD_NAME}
     for rel_dir, record in records.items():
         if not isinstance(record, dict) or record.get("status") not in FINISHED:
@@ -89,7 +89,7 @@ def unpack(archive: Path, sweep_dir: Path, *, keep_existing: bool = False) -> di
     added, identical, kept = set(), set(), []
     for rel_dir, record in incoming.items():
         target = sweep_dir / rel_dir / RECORD_NAME
-        existing = _finished_or_none(target)
+        existing = finished_or_none(target)
         if existing is None:
             added.add(rel_dir)
         elif existing == record:
@@ -172,7 +172,7 @@ def _cell(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _finished_or_none(path: Path) -> dict | None:
+def finished_or_none(path: Path) -> dict | None:
     """The record at `path` if it is readable and finished, else None."""
     if not path.exists():
         return None

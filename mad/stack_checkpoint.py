@@ -11,6 +11,10 @@ checkpoints' epoch (`checkpoint_epoch`), and a group resumes only when every run
 config at one epoch, whose tensors fit the model and optimizers; otherwise it starts over and says why. Resuming gives
 the records an uninterrupted stack gives, up to floating-point reordering (tests/test_stack_checkpoint.py).
 
+With a deadline (`stop_by`, a Unix time), a stack still training then saves every run's checkpoint at the end of its
+epoch and raises StackStopped: a call to a machine lent for minutes loses none of the training it paid for, when the
+checkpoints travel with the records (mad/checkpoint_archive.py).
+
 A checkpoint holds only tensors and plain values (`torch.load(..., weights_only=True)` reads it); a MAD run's is
 ~5 MB with AdamW (weights and two moments in fp32).
 """
@@ -68,14 +72,30 @@ def checkpoint_epoch(run_dir: Path) -> int | None:
         return None
 
 
+class StackStopped(Exception):
+    """A stack that reached its deadline (`StackCheckpoints.stop_by`) after `epoch` epochs, with `runs` runs still
+    training; `saved`: whether their checkpoints were written (the next launch resumes them)."""
+
+    def __init__(self, epoch: int, runs: int, saved: bool) -> None:
+        super().__init__(epoch, runs, saved)
+        self.epoch, self.runs, self.saved = epoch, runs, saved
+
+    def __str__(self) -> str:
+        kept = "checkpointed" if self.saved else "its checkpoints NOT saved"
+        return f"stopped at its deadline after epoch {self.epoch}, {self.runs} runs training, {kept}"
+
+
 class StackCheckpoints:
     """The checkpoints of one group's runs: `load` at the start, `due` and `save` after each epoch, `discard` once a
-    run's record is written. `every_s` <= 0 turns saving off (loading still resumes what a previous launch saved)."""
+    run's record is written. `every_s` <= 0 turns periodic saving off (loading still resumes what a previous launch
+    saved); past `stop_by` (a Unix time; None: no deadline) a save is due at once, and then `stopping` says stop."""
 
-    def __init__(self, run_dirs: list[Path], identities: list[dict], every_s: float, log=print) -> None:
+    def __init__(self, run_dirs: list[Path], identities: list[dict], every_s: float, log=print,
+                 stop_by: float | None = None) -> None:  # fmt: skip
         self.paths = [Path(d) / CHECKPOINT_NAME for d in run_dirs]
         self.identities = identities
         self.every_s = every_s
+        self.stop_by = stop_by
         self.log = log
         self._last = time.monotonic()
 
@@ -108,12 +128,16 @@ class StackCheckpoints:
         self.log(f"stack of {len(states)} runs resumes after epoch {states[0].epoch} ({self.paths[0].parent.parent})")
         return True
 
-    def due(self) -> bool:
-        return self.every_s > 0 and time.monotonic() - self._last >= self.every_s
+    def stopping(self) -> bool:
+        return self.stop_by is not None and time.time() >= self.stop_by
 
-    def save(self, states: dict[int, RunState]) -> None:
+    def due(self) -> bool:
+        return self.stopping() or (self.every_s > 0 and time.monotonic() - self._last >= self.every_s)
+
+    def save(self, states: dict[int, RunState]) -> bool:
         """Write run i's state for every i in `states` (indices into the group): all to temporary files first, then
-        each over its predecessor. A failure is reported, not raised: it costs only the checkpoint."""
+        each over its predecessor. A failure is reported, not raised: it costs only the checkpoint. Returns whether
+        they were written."""
         self._last = time.monotonic()
         temps = {index: self._temp(index) for index in states}
         try:
@@ -126,9 +150,10 @@ class StackCheckpoints:
             self.log(f"checkpoint not saved ({type(e).__name__}: {e}); training goes on")
             for temp in temps.values():
                 temp.unlink(missing_ok=True)
-            return
+            return False
         for index, temp in temps.items():
             os.replace(temp, self.paths[index])
+        return True
 
     def discard(self, index: int) -> None:
         self.paths[index].unlink(missing_ok=True)

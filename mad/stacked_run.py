@@ -12,8 +12,9 @@ The `stacked` Hydra launcher (hydra_plugins/mad_stacked_launcher) drives this:
 3. `run_group` trains one group with mad/stacked_train.py and writes each run's record and weights to its own
    directory as soon as the run leaves the stack, in the same format as an alone run (plus `stacked_runs`: how many
    runs shared the stack); a sweep stopped mid-stack (a deadline) so keeps every run that had finished, and the
-   stack's other runs resume from their checkpoints (mad/stack_checkpoint.py) at the next launch. A record's
-   `wall_time_s` is the time from the (resumed) stack's start until that run left it.
+   stack's other runs resume from their checkpoints (mad/stack_checkpoint.py) at the next launch. With `stop_by`
+   the stack itself checkpoints and stops at that time (GroupStopped). A record's `wall_time_s` is the time from the
+   (resumed) stack's start until that run left it.
 
 Mixers whose layers cannot be vmapped (the fla baselines' Triton kernels have no batching rule) train alone, one
 run after another, through `mad.run.run`.
@@ -37,7 +38,7 @@ from mad.resume import run_identity
 from mad.run import (
     fail_record, finish_record, initial_model, load_splits, loop_config, print_summary, record_header, run, validate,
 )  # fmt: skip
-from mad.stack_checkpoint import CHECKPOINT_NAME, StackCheckpoints, checkpoint_epoch
+from mad.stack_checkpoint import CHECKPOINT_NAME, StackCheckpoints, StackStopped, checkpoint_epoch
 from mad.stacked_train import (
     StackedOutcome, StackedRun, StepOptions, full_steps, shared_optimizer_settings, train_stacked,
 )  # fmt: skip
@@ -124,9 +125,15 @@ def stack_size(seq_len: int, runs: int, max_group: int = 0, max_group_tokens: in
     return -(-runs // stacks)
 
 
+def launch_order(groups: list[list[RunPlan]]) -> list[list[RunPlan]]:
+    """The order in which the launcher starts groups: those resuming from checkpoints first (a stopped stack finishes
+    before another is started and stopped, so few checkpoints wait at a time), then the most work first."""
+    return sorted(groups, key=lambda g: (checkpoint_epoch(g[0].run_dir) is not None, group_work(g)), reverse=True)
+
+
 def group_work(group: list[RunPlan]) -> int:
     """A group's training, as runs x sequence length x the steps each has left (200 epochs of 100 steps for a MAD
-    baseline; a checkpoint's epochs done off): the order in which the launcher starts groups, most first."""
+    baseline; a checkpoint's epochs done off)."""
     plan = group[0]
     task, train = plan.resolved["task"], plan.resolved["train"]
     epochs_left = max(0, train["epochs"] - (checkpoint_epoch(plan.run_dir) or 0))
@@ -135,10 +142,12 @@ def group_work(group: list[RunPlan]) -> int:
 
 
 def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions = StepOptions(),
-              checkpoint_every_s: float = 0.0) -> list[dict]:  # fmt: skip
+              checkpoint_every_s: float = 0.0, stop_by: float | None = None) -> list[dict]:  # fmt: skip
     """Train one group (mad/stacked_train.py; a lone non-stackable run trains as `mad.run` would) and write every
     run's record and weights. Returns the records, in order. With `checkpoint_every_s` > 0 the stack saves
-    checkpoints (mad/stack_checkpoint.py) that often; a stack whose runs all have one resumes from them."""
+    checkpoints (mad/stack_checkpoint.py) that often; a stack whose runs all have one resumes from them. Past
+    `stop_by` (a Unix time) a stack saves them at the end of its epoch and raises GroupStopped (its runs still training
+    get no record); a lone run ignores it."""
     if len(plans) == 1 and not stackable(plans[0]):
         return [_run_alone(plans[0], device)]
     first = plans[0]
@@ -151,7 +160,7 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
     written: set[int] = set()
     console = Console(soft_wrap=True, markup=False)
     checkpoints = StackCheckpoints([p.run_dir for p in plans], [run_identity(p.resolved) for p in plans],
-                                   checkpoint_every_s, log=console.print)  # fmt: skip
+                                   checkpoint_every_s, log=console.print, stop_by=stop_by)  # fmt: skip
 
     def write(index: int, outcome: StackedOutcome) -> None:
         finish_record(records[index], outcome.result, outcome.state_dict, plans[index].run_dir,
@@ -176,6 +185,8 @@ def run_group(plans: list[RunPlan], device: torch.device, options: StepOptions =
                           f"hydra.launcher.compile_min_steps={asked.compile_min_steps}")
         train_stacked(runs, first.resolved["train"]["schedule"], loop, options=options, on_finish=write,
                       on_epoch=heartbeat, checkpoints=checkpoints)  # fmt: skip
+    except StackStopped as e:
+        raise GroupStopped(f"stack {first.run_dir.parent} {e}", {i: records[i] for i in written}, e) from e
     except Exception as e:
         for index, (plan, record) in enumerate(zip(plans, records)):
             if index not in written:
@@ -207,8 +218,9 @@ class Heartbeat:
                            f"training, {seconds:.2f} s per epoch", highlight=False)  # fmt: skip
 
 
-class GroupFailed(Exception):
-    """A stack that failed after `finished` ({index in the group: record}) had left it with their records written."""
+class GroupEnded(Exception):
+    """A stack that ended early after `finished` ({index in the group: record}) had left it with their records
+    written."""
 
     def __init__(self, message: str, finished: dict[int, dict]) -> None:
         super().__init__(message, finished)
@@ -216,6 +228,20 @@ class GroupFailed(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class GroupFailed(GroupEnded):
+    """A stack that failed: its runs still training got `failed` records."""
+
+
+class GroupStopped(GroupEnded):
+    """A stack stopped at its deadline (`stopped`): its runs still training wait in their checkpoints for the next
+    launch, with no record (not a failure)."""
+
+    def __init__(self, message: str, finished: dict[int, dict], stopped: StackStopped) -> None:
+        super().__init__(message, finished)
+        self.args = (message, finished, stopped)  # what pickling rebuilds it from (a worker process hands it back)
+        self.stopped = stopped
 
 
 def _run_alone(plan: RunPlan, device: torch.device) -> dict:

@@ -31,7 +31,7 @@ from mad.diagnostics import model_diagnostics
 from mad.metrics import score_epoch, score_runs
 from mad.optim import split_parameters
 from mad.schedules import build_schedules
-from mad.stack_checkpoint import RunState, StackCheckpoints
+from mad.stack_checkpoint import RunState, StackCheckpoints, StackStopped
 from mad.stacked_model import StackedModel
 from mad.stacked_optim import StackedAdamW, StackedMuon, StackedOptimizer
 from mad.tasks import IGNORE_INDEX
@@ -337,7 +337,7 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
     stopped later still keeps the runs that finished before. `on_epoch(epoch, runs_left, seconds)` follows every
     epoch: the runs still training after it and the epoch's seconds, training, evaluation and diagnostics.
     `checkpoints` (mad/stack_checkpoint.py): the stack resumes from them if they all hold one epoch, and saves them
-    when due, at the end of an epoch."""
+    when due, at the end of an epoch; past their deadline it saves them and raises StackStopped."""
     check_group(runs)
     device = cfg.device
     data = StackedData(runs, device)
@@ -405,8 +405,10 @@ def train_stacked(runs: list[StackedRun], schedule: dict, cfg: LoopConfig, *, op
                 step.reset()
                 evaluate.reset()
             if checkpoints is not None and checkpoints.due():
-                checkpoints.save({run: _run_state(epoch, pos, run, stacked, optimizers, data, results[run], scratch)
-                                  for pos, run in enumerate(active)})  # fmt: skip
+                saved = checkpoints.save({run: _run_state(epoch, pos, run, stacked, optimizers, data, results[run],
+                                                          scratch) for pos, run in enumerate(active)})  # fmt: skip
+                if checkpoints.stopping():
+                    raise StackStopped(epoch, len(active), saved)
     return [outcomes[i] for i in range(len(runs))]
 
 

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from mad.resume import FINISHED
 from mad.results import RECORD_NAME, read_record
+from mad.stack_checkpoint import CHECKPOINT_NAME
 
 JOB_CONFIG = ".hydra/config.yaml"
 
@@ -46,7 +47,11 @@ def classify(job_dir: Path, written: set[Path], dry_run: bool) -> str:
     try:
         record = read_record(path)
     except ValueError:
-        return "to run" if dry_run else "no record (not started, killed or crashed)"
+        if dry_run:
+            return "to run"
+        if (job_dir / CHECKPOINT_NAME).exists():
+            return "no record yet, a checkpoint to resume from"
+        return "no record (not started, killed or crashed)"
     if path in written:
         return f"ran now: {record['status']}"
     return "already finished" if record["status"] in FINISHED else ("to run" if dry_run else "stale record")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import protocol_cost
+from benchmarks import call_plan, protocol_cost
 from benchmarks.bench_epoch import protocol_minutes
 from benchmarks.bench_leaderboard import synthetic_record
 from mad.archive import pack
@@ -59,13 +59,13 @@ def test_the_cost_counts_recorded_epochs_and_the_most_for_the_rest(tmp_path):
     assert f"**{minutes:.0f} GPU-minutes** with the early stopping" in text
     assert f"{protocol_minutes(prices):.0f} without early stopping" in text
     assert "the runs with a record trained 25% of their 200 epochs" in text
-    left = text[text.index("## Settings still to run"):].splitlines()
+    left = text[text.index("## Settings still to run"):text.index("device calls for them")].splitlines()
     rows = [line.split(" | ") for line in left if line.startswith("| ") and not line.startswith(("| task", "| ---"))]
     assert len(rows) == len(mad_settings()) and rows[0][3] == "1024"  # every setting; the longest cost the most
     baseline = next(row for row in rows if row[0] == f"| {task}" and row[1] == "baseline")
     assert baseline[2] == "`in_context_recall__baseline`"  # what a call's mad_setting takes
     assert baseline[4] == "5" and baseline[5] == f"{5 * 200 * run_epoch_s / 60:.1f}"  # one of its six has a record
-    assert baseline[6] == "1 x 5"  # one stack: 5 runs x L=128 is within the default 1536 tokens
+    assert baseline[6] == "1 x 5 |"  # one stack on one GPU
 
 
 def test_nothing_is_left_to_run_once_every_grid_point_has_a_record(tmp_path):
@@ -103,47 +103,54 @@ def test_prices_of_another_attention_or_another_file_are_refused(tmp_path):
     assert not (tmp_path / "cost.md").exists()
 
 
-def _remaining(seq_len: int, runs: int, run_epoch_s: float):
-    task, setting = next((t, s) for t, s in mad_settings() if s["seq_len"] == seq_len)
-    return protocol_cost.Remaining(task, setting, runs, run_epoch_s)
+def test_calls_lose_no_training_and_resume_the_stopped_stacks_first():
+    """One GPU, calls of 570 s: 40 s outside the sweep and stop_at 40 s before its end leave 490 s from the sweep's
+    start; the first stack starts after 30 s of launch and 20 s of compiling, so a call trains at most 440 s."""
+    stacks = [call_plan.Stack("long", 1000.0, 1000.0), call_plan.Stack("short", 400.0, 400.0),
+              call_plan.Stack("tiny", 50.0, 50.0)]  # fmt: skip
+    calls = call_plan.plan_calls(stacks, gpus=1, call_seconds=570)
+    assert [[(s.setting, round(s.before, 2), round(s.after, 2)) for s in call] for call in calls] == [
+        [("long", 0.0, 0.44)],
+        [("long", 0.44, 0.88)],
+        [("long", 0.88, 1.0), ("short", 0.0, 0.75)],  # 120 s of long, then 20 s to compile short: 300 s of it
+        [("short", 0.75, 1.0), ("tiny", 0.0, 1.0)],  # the stopped stack first
+    ]  # fmt: skip
+    two = call_plan.plan_calls([call_plan.Stack(n, 200.0, 200.0) for n in "abc"], gpus=2, call_seconds=570)
+    assert [[s.setting for s in call] for call in two] == [["a", "b", "c"]]  # a and b at once, c after the first
+    two = call_plan.plan_calls([call_plan.Stack(n, 400.0, 400.0) for n in "abc"], gpus=2, call_seconds=570)
+    spans = [[(s.setting, round(s.after, 3)) for s in call] for call in two]
+    assert spans == [[("a", 1), ("b", 1), ("c", 0.05)], [("c", 1)]]  # c starts at 470 s (450 + compiling), stops at 490
+    with pytest.raises(ValueError, match="a 120-s call trains nothing"):
+        call_plan.plan_calls([call_plan.Stack("a", 10.0, 10.0)], gpus=1, call_seconds=120)
 
 
-def test_a_call_plan_starts_only_stacks_that_finish_before_the_deadline():
-    """Stacks sharing the GPU each take their price times how many share it: at L=1024, 1536 tokens make one-run
-    stacks of 200 s (240 s with the margin); a 540-s call with 60 s outside the launcher and 20 s of compiling
-    leaves 460 s, too little for two sharing the GPU once the launcher has started (30 s): one at a time, and none
-    started after 220 s."""
-    margin, compile_s, launch_s = (protocol_cost.SHARED_GPU_MARGIN, protocol_cost.COMPILE_SECONDS,
-                                   protocol_cost.LAUNCH_SECONDS)  # fmt: skip
-    plan = protocol_cost.plan_calls(_remaining(1024, 6, 1.0), 540, 60, 1536, 6)
-    assert (plan.stacks, plan.runs_per_stack, plan.stack_seconds) == (6, 1, 200.0)
-    assert (plan.workers, plan.start_until, plan.calls) == (1, int(460 - 200 * margin), 6)
-    longer = protocol_cost.plan_calls(_remaining(1024, 6, 1.0), 1650, 60, 1536, 6)  # three chained calls
-    assert longer.workers == 6 and longer.calls == 1 and longer.start_until >= launch_s
-    capped = protocol_cost.plan_calls(_remaining(1024, 6, 1.0), 1650, 60, 1536, 4)
-    assert capped.workers == 4 and capped.calls == 2
-    cases = [(540, 6, 0.2, 1536), (300, 5, 0.05, 0), (900, 6, 0.3, 512), (540, 6, 0.01, 0)]
-    for call_s, runs, epoch_s, tokens in cases:  # (call seconds, runs, seconds per run-epoch, max_group_tokens)
-        plan = protocol_cost.plan_calls(_remaining(256, runs, epoch_s), call_s, 60, tokens, 6)
-        assert plan.stacks * plan.runs_per_stack >= runs and 1 <= plan.workers <= min(plan.stacks, 6)
-        assert plan.start_until >= launch_s  # 0 would mean no limit to the launcher, and less starts nothing
-        # a stack started at start_until ends inside the call
-        assert 60 + plan.start_until + compile_s + plan.workers * plan.stack_seconds * margin <= call_s
-    too_long = protocol_cost.plan_calls(_remaining(1024, 6, 3.0), 540, 60, 1536, 6)  # 600 s alone
-    assert too_long.workers == 0 and too_long.calls == 0
+def test_the_runs_per_stack_keep_the_stopped_checkpoints_within_what_a_call_carries():
+    assert call_plan.runs_per_stack(1, 5.0, 36) == 6  # 7 would fit; a setting's grid has 6
+    assert call_plan.runs_per_stack(2, 5.0, 36) == 3
+    assert call_plan.runs_per_stack(4, 5.0, 36) == 1
+    with pytest.raises(ValueError, match="8 GPUs x one 5-MiB checkpoint do not fit the 36 MiB"):
+        call_plan.runs_per_stack(8, 5.0, 36)
+    stacks = call_plan.split_stacks([("a", 1024, 6, 1.0), ("b", 256, 5, 0.5)], max_group=3)
+    assert [(s.setting, s.seconds) for s in stacks] == [("a", 600.0), ("a", 600.0), ("b", 300.0), ("b", 200.0)]
 
 
-def test_a_stack_longer_than_a_call_is_said_not_to_fit(tmp_path):
+def test_the_plan_names_every_call_and_the_one_command_they_share(tmp_path):
     _one_record_and_prices(tmp_path)
     args = _cli(tmp_path)
-    protocol_cost.main([*args, "--call-seconds", "120", "--startup-seconds", "30"])
-    lines = (tmp_path / "cost.md").read_text().splitlines()
-    longest = next(line for line in lines if "__seq_len_1024` | 1024 |" in line)
-    assert longest.endswith("| does not fit | - | - |")
-    for bad in (["--call-seconds", "60", "--startup-seconds", "60"], ["--max-group-tokens", "-1"],
-                ["--call-seconds", "inf"], ["--max-workers", "0"]):  # fmt: skip
-        with pytest.raises(SystemExit, match="need 0 <= --startup-seconds < --call-seconds < inf"):
+    protocol_cost.main([*args, "--gpus", "2"])
+    text = (tmp_path / "cost.md").read_text()
+    plan = text[text.index("device calls for them"):].splitlines()
+    calls = [line for line in plan if line.startswith("| ") and line.split(" | ")[0][2:].isdigit()]
+    assert text.count("device calls for them") == 1 and calls[0].startswith("| 1 | ")
+    assert f"## {len(calls)} device calls for them" in text and "Stacks of at most 3 runs" in text
+    assert "hydra.launcher.compile=true hydra.launcher.max_group=3" in text  # 2 GPUs x 3 runs x 5 MiB <= 36 MiB
+    assert "optimizer=adamw hydra.launcher.compile=true" in text  # every setting is left: the preset's whole sweep
+    assert protocol_cost._settings_override([("a", 1024, 6, 1.0), ("b", 32, 6, 0.1)]) == "mad_setting=a,b "
+    for bad in (["--call-seconds", "40"], ["--call-seconds", "inf"], ["--gpus", "0"], ["--carry-mib", "0"]):
+        with pytest.raises(SystemExit, match="need 40 < --call-seconds < inf, --gpus >= 1"):
             protocol_cost.main([*args, *bad])
+    with pytest.raises(SystemExit, match="do not fit the 36 MiB a call carries"):
+        protocol_cost.main([*args, "--gpus", "8"])
 
 
 def test_prices_that_are_not_positive_are_refused(tmp_path):

@@ -4,6 +4,7 @@ the records of an uninterrupted stack."""
 import dataclasses
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from mad.config_checks import task_setting
 from mad.data import load_split
 from mad.run import build_model
-from mad.stack_checkpoint import CHECKPOINT_NAME, StackCheckpoints
+from mad.stack_checkpoint import CHECKPOINT_NAME, StackCheckpoints, StackStopped, checkpoint_epoch
 from mad.stacked_train import StackedRun, train_stacked
 from mad.train import LoopConfig
 from tests.conftest import REPO, records_under
@@ -117,6 +118,42 @@ def test_a_resumed_stack_gives_the_records_of_an_uninterrupted_one(tmp_path, opt
             assert len(a.diagnostics) == len(b.diagnostics) and a.initial_diagnostics == b.initial_diagnostics
 
 
+def test_a_stack_past_its_deadline_saves_its_checkpoints_stops_and_resumes_to_the_same_records(tmp_path):
+    runs, schedule, loop, resolved = _group("adamw", epochs=3)
+    loop = dataclasses.replace(loop, early_stop_accuracy=2.0)
+    whole = [o.result for o in train_stacked(runs(), schedule, loop)]
+    dirs = [tmp_path / f"run{i}" for i in range(len(GRID))]
+    for d in dirs:
+        d.mkdir()
+    identities = [resolved | {"lr": lr} for lr, _ in GRID]
+    # A deadline already passed: the stack stops after its first epoch, with every run's checkpoint saved, though
+    # periodic saving is off.
+    deadline = StackCheckpoints(dirs, identities, 0, log=lambda _: None, stop_by=time.time())
+    with pytest.raises(StackStopped) as stopped:
+        train_stacked(runs(), schedule, loop, checkpoints=deadline)
+    assert (stopped.value.epoch, stopped.value.runs, stopped.value.saved) == (1, len(GRID), True)
+    assert "after epoch 1, 3 runs training, checkpointed" in str(stopped.value)
+    assert [checkpoint_epoch(d) for d in dirs] == [1] * len(GRID)
+    messages = []
+    resumed = train_stacked(runs(), schedule, loop, checkpoints=StackCheckpoints(dirs, identities, 0, messages.append))
+    assert any("resumes after epoch 1" in m for m in messages), messages
+    for a, b in zip(whole, (o.result for o in resumed)):
+        assert (a.steps, len(a.epochs)) == (b.steps, len(b.epochs))
+        for ea, eb in zip(a.epochs, b.epochs):
+            assert math.isclose(ea.test_loss, eb.test_loss, rel_tol=1e-5), ea.epoch
+
+
+def test_a_stopped_group_comes_back_whole_from_a_worker_process():
+    """The launcher's workers hand a group's outcome back pickled: a stopped group keeps its finished records and
+    where it stopped."""
+    from mad.stacked_run import GroupStopped
+
+    sent = GroupStopped("stack x stopped", {1: {"status": "ok"}}, StackStopped(epoch=7, runs=2, saved=True))
+    back = pickle.loads(pickle.dumps(sent))
+    assert (str(back), back.finished, back.stopped.epoch, back.stopped.runs, back.stopped.saved) == (
+        "stack x stopped", {1: {"status": "ok"}}, 7, 2, True)
+
+
 def test_a_stack_starts_over_unless_every_run_has_a_checkpoint_of_its_config_at_one_epoch(tmp_path):
     runs, schedule, loop, dirs, identities = _stopped_after_epoch_1(tmp_path, epochs=3)
 
@@ -170,7 +207,7 @@ def test_runs_group_by_the_epoch_of_their_checkpoints(tmp_path):
     only with runs whose checkpoints hold the same epoch (or that have none)."""
     import dataclasses as dc
 
-    from mad.stacked_run import group_plans
+    from mad.stacked_run import group_plans, launch_order
     from tests.test_stacked_training import _plan
 
     plans = []
@@ -181,8 +218,12 @@ def test_runs_group_by_the_epoch_of_their_checkpoints(tmp_path):
             torch.save({"epoch": epoch}, run_dir / CHECKPOINT_NAME)
         plans.append(dc.replace(_plan(optimizer__lr=10.0**-i), run_dir=run_dir))
     (tmp_path / "run3" / CHECKPOINT_NAME).write_bytes(b"unreadable: grouped as no checkpoint")
-    groups = [[p.run_dir.name for p in g] for g in group_plans(plans, max_group=2)]
-    assert groups == [["run0", "run3"], ["run1", "run2"], ["run5"], ["run4"]]
+    groups = group_plans(plans, max_group=2)
+    assert [[p.run_dir.name for p in g] for g in groups] == [["run0", "run3"], ["run1", "run2"], ["run5"], ["run4"]]
+    # The launcher starts the stacks that resume first, the most training left first (1 run x 193 epochs before
+    # 2 x 50 before 1 x 50), then the rest: a stopped stack finishes before another is started and stopped.
+    ordered = [[p.run_dir.name for p in g] for g in launch_order(groups)]
+    assert ordered == [["run4"], ["run1", "run2"], ["run5"], ["run0", "run3"]]
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_starts_the_stack_over(tmp_path):
@@ -200,7 +241,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_starts_the_stack_over(tmp_path
 
 def test_a_failed_save_keeps_the_previous_checkpoints_and_training_goes_on(tmp_path, monkeypatch):
     import mad.stack_checkpoint as stack_checkpoint
-    from mad.stack_checkpoint import RunState, checkpoint_epoch
+    from mad.stack_checkpoint import RunState
     from mad.train import TrainResult
 
     dirs = [tmp_path / f"run{i}" for i in range(3)]

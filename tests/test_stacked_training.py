@@ -17,7 +17,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend
 
-from hydra_plugins.mad_stacked_launcher.stacked_launcher import check_devices, resolve_devices, worker_slots
+from hydra_plugins.mad_stacked_launcher.stacked_launcher import (
+    check_devices, process_age_s, resolve_devices, worker_slots,
+)  # fmt: skip
 from mad.config_checks import task_setting
 from mad import data as mad_data
 from mad.data import Split, load_split
@@ -195,6 +197,22 @@ def test_long_sequences_stack_fewer_runs_and_start_first():
     assert groups[6] == short and groups[7] == small
 
 
+def test_launcher_deadlines_count_from_the_process_start_and_nothing_starts_after_stop_at():
+    # The module as it is now: Hydra's plugin scan (in any test that composes a config) runs it again, and the
+    # classes imported at collection are then not the ones its functions raise.
+    from hydra_plugins.mad_stacked_launcher.stacked_launcher import Deadlines, NotStarted
+
+    if sys.platform == "linux":  # /proc: this test process started before this line ran, not at it
+        assert process_age_s() > 0
+    as_pairs = {limits: (d.start_by, d.stop_by) for limits in [(0, 0), (30, 0), (0, 50), (80, 50), (30, 50)]
+                for d in [Deadlines.after(100.0, *limits)]}  # fmt: skip
+    assert as_pairs == {(0, 0): (None, None), (30, 0): (130.0, None), (0, 50): (150.0, 150.0),
+                        (80, 50): (150.0, 150.0), (30, 50): (130.0, 150.0)}  # fmt: skip
+    Deadlines.after(time.time(), 3600, 0).check_start()
+    with pytest.raises(NotStarted, match="start_until or stop_at had passed"):
+        Deadlines.after(time.time() - 10, 0, 5).check_start()
+
+
 def test_launcher_spreads_workers_over_the_devices():
     assert resolve_devices("auto", 0) == ["cpu"]
     assert resolve_devices("auto", 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
@@ -296,6 +314,9 @@ def test_stacked_launcher_reports_bad_configs_before_training(cli, tmp_path):
     proc = cli(["-m", "profile=smoke", "progress=false", "optimizer.lr=1e-3,5e-3", "hydra/launcher=stacked",
                 "hydra.launcher.start_until=-5", "hydra.sweep.dir=sweep3"])  # fmt: skip
     assert proc.returncode == 2 and "start_until must be >= 0 seconds" in proc.stderr
+    proc = cli(["-m", "profile=smoke", "progress=false", "optimizer.lr=1e-3,5e-3", "hydra/launcher=stacked",
+                "hydra.launcher.stop_at=-1", "hydra.sweep.dir=sweep3"])  # fmt: skip
+    assert proc.returncode == 2 and "stop_at must be >= 0 seconds" in proc.stderr
     proc = cli(["-m", "profile=smoke", "progress=false", "optimizer.lr=1e-3,5e-3", "hydra/launcher=stacked",
                 "hydra.launcher.compile_min_steps=-1", "hydra.sweep.dir=sweep4"])  # fmt: skip
     assert proc.returncode == 2 and "compile_min_steps must be >= 0" in proc.stderr
@@ -469,7 +490,7 @@ def test_no_group_starts_after_start_until(cli, tmp_path, devices):
             "hydra.sweep.dir=sweep"]  # fmt: skip
     late = cli([*args, "hydra.launcher.start_until=0.001"])
     assert late.returncode == 0, late.stderr
-    assert "2 runs in 2 groups not started: hydra.launcher.start_until=0.001 s had passed" in late.stdout
+    assert "2 runs in 2 groups not started: hydra.launcher.start_until=0.001 s had passed" in late.stdout, late.stdout
     assert not records_under(tmp_path / "sweep") and "2 no record (not started, killed or crashed)" in late.stdout
     if devices == "[cpu]":  # a limit not yet reached holds nothing back
         again = cli([*args, "hydra.launcher.start_until=3600"])

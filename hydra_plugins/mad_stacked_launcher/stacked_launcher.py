@@ -10,17 +10,20 @@ the most training first (runs x sequence length x steps left: the long stacks st
 with a single worker everything runs in this process. `max_group` and `max_group_tokens` (runs x sequence length)
 cap a stack's size.
 
-`start_until` is for machines lent with a deadline: past `start_until` seconds after the launch (counted from when the
-launcher starts, after Python and Hydra have loaded) no further group starts; their runs get no record, the sweep says
-how many, and the next launch trains them. A stack stopped by the deadline resumes at the next launch from the
-checkpoints it saved every `checkpoint_every_s` seconds (mad/stack_checkpoint.py), when its run directories are still
-there (on another machine: carried with them).
+`stop_at` and `start_until` are for machines lent with a deadline, in seconds counted from the start of the sweep's
+process (`python -m mad.run -m ...`, as `timeout` counts). Past `stop_at` every stack still training saves its runs'
+checkpoints at the end of its epoch and stops (mad/stack_checkpoint.py), and no further group starts; past
+`start_until` no further group starts. Runs stopped or not started get no record, the sweep says how many, and the
+next launch trains them, the stopped stacks first, from their checkpoints, when their run directories are still there
+(on another machine: carried with them, mad/checkpoint_archive.py). A sweep killed instead resumes from the
+checkpoints saved every `checkpoint_every_s` seconds.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -80,18 +83,44 @@ def _pin_worker(slots) -> None:
     _WORKER_DEVICE = slots.get()
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux's /proc; 0 where it cannot be read)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Deadlines:
+    """`start_until` and `stop_at` as Unix times (None: no limit). A plain class: Hydra's plugin scan imports this
+    module in a way that breaks dataclasses here (config.py)."""
+
+    def __init__(self, start_by: float | None, stop_by: float | None) -> None:
+        self.start_by, self.stop_by = start_by, stop_by
+
+    @classmethod
+    def after(cls, started: float, start_until: float, stop_at: float) -> "Deadlines":
+        """From seconds after `started` (a Unix time); 0: no limit. A group starts by either deadline at the latest."""
+        stop_by = started + stop_at if stop_at > 0 else None
+        start_by = started + start_until if start_until > 0 else None
+        if stop_by is not None:
+            start_by = stop_by if start_by is None else min(start_by, stop_by)
+        return cls(start_by, stop_by)
+
+    def check_start(self) -> None:
+        """NotStarted when the wall clock is past `start_by`."""
+        if self.start_by is not None and time.time() > self.start_by:
+            raise NotStarted("not started: hydra.launcher.start_until or stop_at had passed")
+
+
 class NotStarted(Exception):
-    """A group left untrained because `start_until` had passed when its turn came."""
+    """A group left untrained because `start_until` or `stop_at` had passed when its turn came."""
 
 
-def _check_start(start_by: float | None) -> None:
-    """NotStarted when the wall clock is past `start_by` (epoch seconds; None: no limit)."""
-    if start_by is not None and time.time() > start_by:
-        raise NotStarted("not started: hydra.launcher.start_until had passed")
-
-
-def _train_group_in_worker(plans, options, checkpoint_every_s: float, start_by: float | None) -> list[dict]:
-    _check_start(start_by)
+def _train_group_in_worker(plans, options, checkpoint_every_s: float, deadlines: Deadlines) -> list[dict]:
+    deadlines.check_start()
     import torch
 
     from mad.stacked_run import run_group
@@ -99,32 +128,37 @@ def _train_group_in_worker(plans, options, checkpoint_every_s: float, start_by: 
     device = torch.device(_WORKER_DEVICE)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return run_group(plans, device, options, checkpoint_every_s)
+    return run_group(plans, device, options, checkpoint_every_s, deadlines.stop_by)
 
 
 def _or_error(call):
+    from mad.stacked_run import GroupStopped
+
     try:
         return call()
-    except NotStarted as e:
+    except (NotStarted, GroupStopped) as e:
         return e
     except Exception as e:  # noqa: BLE001 - reported per job, like a failing job of the basic launcher
         log.error(f"a stacked group failed: {type(e).__name__}: {e}")
         return e
 
 
-def _outcome(records: list[dict] | Exception, index: int) -> dict | Exception:
-    """Run `index`'s record in its group's outcome; a run that finished before its group failed keeps its record."""
-    from mad.stacked_run import GroupFailed
+def _outcome(records: list[dict] | Exception, index: int) -> dict | Exception | None:
+    """Run `index`'s record in its group's outcome; a run that finished before its group ended keeps its record; a
+    run not started or stopped with its stack has none (None: not an error, the next launch trains it)."""
+    from mad.stacked_run import GroupEnded, GroupStopped
 
-    if isinstance(records, GroupFailed) and index in records.finished:
+    if isinstance(records, GroupEnded) and index in records.finished:
         return records.finished[index]
+    if isinstance(records, (NotStarted, GroupStopped)):
+        return None
     return records if isinstance(records, Exception) else records[index]
 
 
 class StackedLauncher(Launcher):
     def __init__(self, devices: Any = "auto", workers_per_device: int = 1, max_group: int = 0,
                  max_group_tokens: int = 0, cuda_graph: bool = True, compile: bool = False,
-                 compile_min_steps: int = 5000, start_until: float = 0.0,
+                 compile_min_steps: int = 5000, start_until: float = 0.0, stop_at: float = 0.0,
                  checkpoint_every_s: float = 60.0) -> None:  # fmt: skip
         from mad.stacked_train import StepOptions
 
@@ -132,7 +166,7 @@ class StackedLauncher(Launcher):
         self.devices, self.workers_per_device = devices, workers_per_device
         self.max_group, self.max_group_tokens = max_group, max_group_tokens
         self.options = StepOptions(cuda_graph=cuda_graph, compile=compile, compile_min_steps=compile_min_steps)
-        self.start_until = start_until
+        self.start_until, self.stop_at = start_until, stop_at
         self.checkpoint_every_s = checkpoint_every_s
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -141,9 +175,9 @@ class StackedLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from mad.stacked_run import RunPlan, group_plans, group_work, plan_job
+        from mad.stacked_run import RunPlan, group_plans, launch_order, plan_job
 
-        launched = time.time()
+        launched = time.time() - process_age_s()
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         slots = self._worker_slots()
@@ -157,25 +191,39 @@ class StackedLauncher(Launcher):
                 Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {' '.join(r.overrides)}: {r._return_value}")
             sys.exit(2)
         plans = [r.return_value for r in returns if isinstance(r.return_value, RunPlan)]
-        groups = sorted(group_plans(plans, self.max_group, self.max_group_tokens), key=group_work, reverse=True)
+        groups = launch_order(group_plans(plans, self.max_group, self.max_group_tokens))
         log.info(f"{len(plans)} runs to train in {len(groups)} groups ({len(returns) - len(plans)} done or listed)")
-        records = self._train(groups, slots, launched + self.start_until if self.start_until > 0 else None)
-        left = [group for group, recs in zip(groups, records) if isinstance(recs, NotStarted)]
-        if left:
-            from rich.console import Console
-
-            Console(soft_wrap=True).print(
-                f"{sum(map(len, left))} runs in {len(left)} groups not started: hydra.launcher.start_until="
-                f"{self.start_until:g} s had passed (the next launch trains them)")
+        records = self._train(groups, slots, Deadlines.after(launched, self.start_until, self.stop_at))
+        self._report_left(groups, records)
         by_dir = {plan.run_dir: _outcome(recs, i) for group, recs in zip(groups, records) for i, plan in enumerate(group)}
         for r in returns:
             if isinstance(r.return_value, RunPlan):
                 outcome = by_dir[r.return_value.run_dir]
-                if isinstance(outcome, NotStarted):  # not an error: the job is left for the next launch
-                    outcome = None
                 r.status = JobStatus.FAILED if isinstance(outcome, Exception) else JobStatus.COMPLETED
                 r.return_value = outcome
         return returns
+
+    def _report_left(self, groups: list[list], records: list) -> None:
+        """Say how many runs the deadlines left for the next launch: stopped (with checkpoints), not started."""
+        from rich.console import Console
+
+        from mad.stacked_run import GroupStopped
+
+        console = Console(soft_wrap=True)
+        stopped = [(group, recs) for group, recs in zip(groups, records) if isinstance(recs, GroupStopped)]
+        if stopped:
+            runs = sum(len(group) - len(recs.finished) for group, recs in stopped)
+            unsaved = sum(not recs.stopped.saved for _, recs in stopped)
+            console.print(f"{runs} runs in {len(stopped)} stacks stopped at hydra.launcher.stop_at={self.stop_at:g} s "
+                          f"after epochs {sorted({recs.stopped.epoch for _, recs in stopped})}, "
+                          + (f"{unsaved} stacks WITHOUT their checkpoints" if unsaved else "with their checkpoints")
+                          + " (the next launch resumes them)")  # fmt: skip
+        left = [group for group, recs in zip(groups, records) if isinstance(recs, NotStarted)]
+        if left:
+            limits = " or ".join(f"hydra.launcher.{name}={value:g} s" for name, value in
+                                 (("start_until", self.start_until), ("stop_at", self.stop_at)) if value > 0)
+            console.print(f"{sum(map(len, left))} runs in {len(left)} groups not started: {limits} had passed (the "
+                          "next launch trains them)")  # fmt: skip
 
     def _plan(self, overrides: Sequence[str], idx: int, plan_job: TaskFunction) -> JobReturn:
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
@@ -203,6 +251,8 @@ class StackedLauncher(Launcher):
                                  f"{self.options.compile_min_steps}")
             if not self.start_until >= 0:
                 raise ValueError(f"hydra.launcher.start_until must be >= 0 seconds (0: no limit), got {self.start_until}")
+            if not self.stop_at >= 0:
+                raise ValueError(f"hydra.launcher.stop_at must be >= 0 seconds (0: no limit), got {self.stop_at}")
             if not self.checkpoint_every_s >= 0:
                 raise ValueError("hydra.launcher.checkpoint_every_s must be >= 0 seconds (0: no checkpoints), got "
                                  f"{self.checkpoint_every_s}")
@@ -213,9 +263,10 @@ class StackedLauncher(Launcher):
             Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {e}")
             sys.exit(2)
 
-    def _train(self, groups: list[list], slots: list[str], start_by: float | None) -> list[list[dict] | Exception]:
-        """Each group's records, or the exception that ended it (its runs' records then say `failed`; NotStarted:
-        none was written): one group failing, as one job of the basic launcher, does not stop the others."""
+    def _train(self, groups: list[list], slots: list[str], deadlines: Deadlines) -> list[list[dict] | Exception]:
+        """Each group's records, or the exception that ended it (GroupFailed: its runs' records say `failed`;
+        NotStarted, GroupStopped: the runs it names have none): one group failing, as one job of the basic launcher,
+        does not stop the others."""
         import torch
 
         if len(slots) == 1 or len(groups) <= 1:
@@ -224,8 +275,8 @@ class StackedLauncher(Launcher):
             device = torch.device(slots[0])
 
             def train(group: list) -> list[dict]:
-                _check_start(start_by)
-                return run_group(group, device, self.options, self.checkpoint_every_s)
+                deadlines.check_start()
+                return run_group(group, device, self.options, self.checkpoint_every_s, deadlines.stop_by)
 
             return [_or_error(lambda g=group: train(g)) for group in groups]
         context = multiprocessing.get_context("spawn")
@@ -233,6 +284,6 @@ class StackedLauncher(Launcher):
         for slot in slots:
             queue.put(slot)
         with ProcessPoolExecutor(len(slots), mp_context=context, initializer=_pin_worker, initargs=(queue,)) as pool:
-            futures = [pool.submit(_train_group_in_worker, group, self.options, self.checkpoint_every_s, start_by)
+            futures = [pool.submit(_train_group_in_worker, group, self.options, self.checkpoint_every_s, deadlines)
                        for group in groups]  # fmt: skip
             return [_or_error(f.result) for f in futures]

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import tarfile
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -32,7 +30,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from mad.archive import finished_or_none, safe_member
-from mad.results import RECORD_NAME
+from mad.results import RECORD_NAME, write_bytes_atomically
 from mad.stack_checkpoint import CHECKPOINT_NAME, checkpoint_epoch
 
 PART_NAME = "checkpoints-{}.tar"
@@ -130,7 +128,7 @@ def unpack(parts: list[Path], sweep_dir: Path) -> dict[str, int]:
         elif here is not None and here >= epoch:
             counts["behind"] += 1
         else:
-            _write_atomically(sweep_dir / path, data)
+            write_bytes_atomically(sweep_dir / path, data)
             counts["added"] += 1
     return counts
 
@@ -140,20 +138,6 @@ def _epoch(data: bytes, name: str) -> int:
         return int(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["epoch"])
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
         raise ValueError(f"{name}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

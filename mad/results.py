@@ -21,12 +21,17 @@ _PACKAGES = ("torch", "numpy", "hydra-core", "omegaconf", "pandas", "triton", "f
 
 def write_json_atomically(path: Path, payload: dict) -> None:
     """Readers see either the old file or the complete new one, never a partial write (also under kill -9)."""
+    write_bytes_atomically(path, json.dumps(payload, indent=2, allow_nan=True).encode())
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """As write_json_atomically, for any file's bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, allow_nan=True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -4,9 +4,9 @@ the plan).
 A call runs `bash benchmarks/device_sweep.sh CARRY SECONDS ...`, SECONDS being the call's length less OUTSIDE_SECONDS
 (installing the wheels, unpacking what the last call handed back, packing what this one hands back). Its sweep starts
 LAUNCH_SECONDS after its process (imports, planning the jobs), then trains one stack per GPU at a time in the
-launcher's order (stopped stacks first, then the most work: mad.stacked_run.launch_order), each paying COMPILE_SECONDS
-when it starts, until stop_at = SECONDS - STOP_MARGIN. Then every stack checkpoints at the end of its epoch and stops,
-and the next call resumes it: no training is lost, and every call is used to its end. The checkpoints of the stacks
+launcher's order (stopped stacks first, then the most work: mad.stacked_run.launch_order; here the most GPU-seconds),
+each paying COMPILE_SECONDS when it starts, none in the last START_MARGIN seconds before stop_at = SECONDS -
+STOP_MARGIN. Then every stack checkpoints at the end of its epoch and stops, and the next call resumes it: no training is lost, and every call is used to its end. The checkpoints of the stacks
 training at the stop come back and travel in again, so GPUs x runs per stack x a checkpoint's size must fit what a
 call carries (device_sweep.sh's CHECKPOINT_MIB): that caps the runs per stack (`hydra.launcher.max_group`).
 
@@ -24,7 +24,8 @@ from mad.stacked_run import stack_size
 OUTSIDE_SECONDS = 40
 LAUNCH_SECONDS = 30
 COMPILE_SECONDS = 20  # a stack's compiles and captures before its first epoch (bench_epoch.py's first epoch: 17-21 s)
-STOP_MARGIN = 40  # benchmarks/device_sweep.sh's default: the last epoch, the checkpoints, the exit
+STOP_MARGIN = 40  # benchmarks/device_sweep.sh's defaults: the last epoch, the checkpoints, the exit,
+START_MARGIN = 30  # and no stack starting to compile just before stop_at
 MAX_RUNS_PER_STACK = 6  # the lr x wd grid of a setting
 
 
@@ -76,7 +77,7 @@ def plan_calls(stacks: list[Stack], gpus: int, call_seconds: float) -> list[list
     while queue:
         clocks = [float(LAUNCH_SECONDS)] * gpus  # each GPU's, from the sweep's start
         stopped, slices = [], []
-        while queue and min(clocks) + COMPILE_SECONDS < window:
+        while queue and min(clocks) < window - START_MARGIN:
             gpu = clocks.index(min(clocks))
             stack = queue.pop(0)
             start = clocks[gpu] + COMPILE_SECONDS
@@ -87,8 +88,8 @@ def plan_calls(stacks: list[Stack], gpus: int, call_seconds: float) -> list[list
             if stack.left > 1e-9:
                 stopped.append(stack)
         if not slices:
-            raise ValueError(f"a {call_seconds:g}-s call trains nothing: its sweep reaches stop_at before a stack has "
-                             "compiled")  # fmt: skip
+            raise ValueError(f"a {call_seconds:g}-s call trains nothing: its sweep starts no stack before "
+                             f"start_until (stop_at - {START_MARGIN} s)")  # fmt: skip
         calls.append(slices)
         queue = sorted(stopped, key=lambda s: -s.left) + queue  # the next launch resumes the stopped stacks first
     return calls

@@ -7,14 +7,14 @@ machine beside the records archive (mad/archive.py), so that a call to a machine
 `pack` takes the checkpoint of every run without a finished record and writes them into numbered parts of at most
 `--part-mb` MiB each (the device machine hands back files of up to 16 MiB; a MAD run's checkpoint is 4.7 MiB with
 AdamW), a stack's checkpoints one after another, the stacks that trained the most epochs first, `--max-mb` MiB in all
-(what a call can carry back in beside the repository). A stack beyond that is left out whole (a stack resumes only
-with all its runs' checkpoints) and named. It refuses a folder that already holds parts, so that two calls'
-checkpoints never mix.
+(what a call can carry back in beside the repository). A stack beyond that is left out whole and named: its runs
+restart together at the next launch rather than split into a resumed stack and a restarted one. It refuses a folder
+that already holds parts, so that two calls' checkpoints never mix.
 
 `unpack` checks every part first (safe paths, only checkpoint files, each readable) and writes nothing if one is bad.
 Then it puts each checkpoint into its run directory unless the run has a finished record there (it is done) or a
 checkpoint of the same or a later epoch (it got further here). A checkpoint is written atomically. The launcher
-then resumes the stacks whose runs all have one (mad/stacked_run.py).
+then stacks the runs whose checkpoints hold one epoch and resumes them (mad/stacked_run.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from mad.results import RECORD_NAME, write_bytes_atomically
 from mad.stack_checkpoint import CHECKPOINT_NAME, checkpoint_epoch
 
 PART_NAME = "checkpoints-{}.tar"
-_TAR_OVERHEAD = 1024  # a member's header and padding, at most
+_TAR_OVERHEAD = 3072  # a member's header, its PAX header (sub-second mtime, a long path) and padding, at most
 _TAR_END = 10240  # the end-of-archive blocks and record padding
 
 

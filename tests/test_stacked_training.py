@@ -318,6 +318,9 @@ def test_stacked_launcher_reports_bad_configs_before_training(cli, tmp_path):
                 "hydra.launcher.stop_at=-1", "hydra.sweep.dir=sweep3"])  # fmt: skip
     assert proc.returncode == 2 and "stop_at must be >= 0 seconds" in proc.stderr
     proc = cli(["-m", "profile=smoke", "progress=false", "optimizer.lr=1e-3,5e-3", "hydra/launcher=stacked",
+                "hydra.launcher.deadline_origin=-1", "hydra.sweep.dir=sweep3"])  # fmt: skip
+    assert proc.returncode == 2 and "deadline_origin must be a Unix time in seconds" in proc.stderr
+    proc = cli(["-m", "profile=smoke", "progress=false", "optimizer.lr=1e-3,5e-3", "hydra/launcher=stacked",
                 "hydra.launcher.compile_min_steps=-1", "hydra.sweep.dir=sweep4"])  # fmt: skip
     assert proc.returncode == 2 and "compile_min_steps must be >= 0" in proc.stderr
 

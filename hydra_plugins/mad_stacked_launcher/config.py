@@ -27,13 +27,17 @@ class StackedLauncherConf:
     # under 5,000 steps are all at L <= 256); the 400-step memorization stacks spent over 80 % of their epochs' time
     # in the epochs that compiled.
     compile_min_steps: int = 5000
-    # For calls with a deadline, in seconds after the sweep's process started (0: no limit). Past stop_at every stack
-    # checkpoints its runs at the end of its epoch and stops, and none starts; past start_until none starts. The next
-    # launch resumes the stopped stacks first (mad/stack_checkpoint.py).
+    # For calls with a deadline, in seconds after deadline_origin (0: no limit). Past stop_at every stack checkpoints
+    # its runs at the end of its epoch and stops, and none starts; past start_until none starts. The next launch
+    # resumes the stopped stacks first (mad/stack_checkpoint.py).
     start_until: float = 0.0
     stop_at: float = 0.0
-    # A stack saves a checkpoint per run this often (at the end of an epoch; 0: never), and a stack stopped before its
-    # runs finished resumes from them at the next launch (mad/stack_checkpoint.py). ~5 MB per MAD run with AdamW.
+    # The Unix time they count from; 0: the sweep's process start (Linux /proc; elsewhere the launch). A script that
+    # wraps the sweep in `timeout` passes its own clock (benchmarks/device_sweep.sh: `date +%s`).
+    deadline_origin: float = 0.0
+    # A stack saves a checkpoint per run this often (at the end of an epoch; 0: not periodically, though stop_at still
+    # saves), and a stack stopped before its runs finished resumes from them at the next launch
+    # (mad/stack_checkpoint.py). ~5 MB per MAD run with AdamW.
     checkpoint_every_s: float = 60.0
 
 

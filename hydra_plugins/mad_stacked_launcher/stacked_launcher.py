@@ -10,8 +10,8 @@ the most training first (runs x sequence length x steps left: the long stacks st
 with a single worker everything runs in this process. `max_group` and `max_group_tokens` (runs x sequence length)
 cap a stack's size.
 
-`stop_at` and `start_until` are for machines lent with a deadline, in seconds counted from the start of the sweep's
-process (`python -m mad.run -m ...`, as `timeout` counts). Past `stop_at` every stack still training saves its runs'
+`stop_at` and `start_until` are for machines lent with a deadline, in seconds counted from `deadline_origin` (a Unix
+time; by default the start of the sweep's process, `python -m mad.run -m ...`, as `timeout` counts). Past `stop_at` every stack still training saves its runs'
 checkpoints at the end of its epoch and stops (mad/stack_checkpoint.py), and no further group starts; past
 `start_until` no further group starts. Runs stopped or not started get no record, the sweep says how many, and the
 next launch trains them, the stopped stacks first, from their checkpoints, when their run directories are still there
@@ -159,14 +159,14 @@ class StackedLauncher(Launcher):
     def __init__(self, devices: Any = "auto", workers_per_device: int = 1, max_group: int = 0,
                  max_group_tokens: int = 0, cuda_graph: bool = True, compile: bool = False,
                  compile_min_steps: int = 5000, start_until: float = 0.0, stop_at: float = 0.0,
-                 checkpoint_every_s: float = 60.0) -> None:  # fmt: skip
+                 deadline_origin: float = 0.0, checkpoint_every_s: float = 60.0) -> None:  # fmt: skip
         from mad.stacked_train import StepOptions
 
         super().__init__()
         self.devices, self.workers_per_device = devices, workers_per_device
         self.max_group, self.max_group_tokens = max_group, max_group_tokens
         self.options = StepOptions(cuda_graph=cuda_graph, compile=compile, compile_min_steps=compile_min_steps)
-        self.start_until, self.stop_at = start_until, stop_at
+        self.start_until, self.stop_at, self.deadline_origin = start_until, stop_at, deadline_origin
         self.checkpoint_every_s = checkpoint_every_s
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -177,10 +177,10 @@ class StackedLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from mad.stacked_run import RunPlan, group_plans, launch_order, plan_job
 
-        launched = time.time() - process_age_s()
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         slots = self._worker_slots()
+        deadlines = self._deadlines()
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         returns = [self._plan(overrides, initial_job_idx + i, plan_job) for i, overrides in enumerate(job_overrides)]
         failed = [r for r in returns if r.status == JobStatus.FAILED]
@@ -193,7 +193,7 @@ class StackedLauncher(Launcher):
         plans = [r.return_value for r in returns if isinstance(r.return_value, RunPlan)]
         groups = launch_order(group_plans(plans, self.max_group, self.max_group_tokens))
         log.info(f"{len(plans)} runs to train in {len(groups)} groups ({len(returns) - len(plans)} done or listed)")
-        records = self._train(groups, slots, Deadlines.after(launched, self.start_until, self.stop_at))
+        records = self._train(groups, slots, deadlines)
         self._report_left(groups, records)
         by_dir = {plan.run_dir: _outcome(recs, i) for group, recs in zip(groups, records) for i, plan in enumerate(group)}
         for r in returns:
@@ -202,6 +202,19 @@ class StackedLauncher(Launcher):
                 r.status = JobStatus.FAILED if isinstance(outcome, Exception) else JobStatus.COMPLETED
                 r.return_value = outcome
         return returns
+
+    def _deadlines(self) -> Deadlines:
+        """start_until and stop_at as Unix times, said in the log with the origin they count from."""
+        age = process_age_s()
+        origin = self.deadline_origin or time.time() - age
+        deadlines = Deadlines.after(origin, self.start_until, self.stop_at)
+        if deadlines.start_by is not None:
+            counted = ("hydra.launcher.deadline_origin" if self.deadline_origin else
+                       f"the sweep's process start, {age:.1f} s ago" if age else "now (this process's start unknown)")
+            stop = f"stops at {deadlines.stop_by - time.time():.0f} s from now, " if deadlines.stop_by else ""
+            log.info(f"deadlines, counted from {counted}: {stop}no stack starts after "
+                     f"{deadlines.start_by - time.time():.0f} s from now")  # fmt: skip
+        return deadlines
 
     def _report_left(self, groups: list[list], records: list) -> None:
         """Say how many runs the deadlines left for the next launch: stopped (with checkpoints), not started."""
@@ -253,6 +266,9 @@ class StackedLauncher(Launcher):
                 raise ValueError(f"hydra.launcher.start_until must be >= 0 seconds (0: no limit), got {self.start_until}")
             if not self.stop_at >= 0:
                 raise ValueError(f"hydra.launcher.stop_at must be >= 0 seconds (0: no limit), got {self.stop_at}")
+            if not self.deadline_origin >= 0:
+                raise ValueError("hydra.launcher.deadline_origin must be a Unix time in seconds (0: the sweep's "
+                                 f"process start), got {self.deadline_origin}")
             if not self.checkpoint_every_s >= 0:
                 raise ValueError("hydra.launcher.checkpoint_every_s must be >= 0 seconds (0: no checkpoints), got "
                                  f"{self.checkpoint_every_s}")

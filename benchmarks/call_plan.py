@@ -6,9 +6,10 @@ A call runs `bash benchmarks/device_sweep.sh CARRY SECONDS ...`, SECONDS being t
 LAUNCH_SECONDS after its process (imports, planning the jobs), then trains one stack per GPU at a time in the
 launcher's order (stopped stacks first, then the most work: mad.stacked_run.launch_order; here the most GPU-seconds),
 each paying COMPILE_SECONDS when it starts, none in the last START_MARGIN seconds before stop_at = SECONDS -
-STOP_MARGIN. Then every stack checkpoints at the end of its epoch and stops, and the next call resumes it: no training is lost, and every call is used to its end. The checkpoints of the stacks
-training at the stop come back and travel in again, so GPUs x runs per stack x a checkpoint's size must fit what a
-call carries (device_sweep.sh's CHECKPOINT_MIB): that caps the runs per stack (`hydra.launcher.max_group`).
+STOP_MARGIN. Then every stack checkpoints at the end of its epoch and stops, and the next call resumes it: no
+training is lost, and every call is used to its end. The checkpoints of the stacks training at the stop come back
+and travel in again, so GPUs x runs per stack x a checkpoint's size must fit what a call carries (device_sweep.sh's
+CHECKPOINT_MIB): that caps the runs per stack (`hydra.launcher.max_group`).
 
 Each stack is priced at its runs x 200 epochs x the run-epoch price (a sixth of a 6-run stack's epoch), so a stack
 that stops early takes less, and a stack of fewer runs is priced as its share of a full one (true where the GPU is
@@ -58,13 +59,13 @@ def runs_per_stack(gpus: int, checkpoint_mib: float, carry_mib: float) -> int:
 
 
 def split_stacks(settings: list[tuple[str, int, int, float]], max_group: int) -> list[Stack]:
-    """Every setting (its id, L, runs to train, GPU-seconds of one run-epoch) as the stacks the launcher makes of it
-    with `max_group`."""
+    """Every setting (its id, L, runs to train, GPU-seconds of one run at 200 epochs) as the stacks the launcher
+    makes of it with `max_group`."""
     stacks = []
-    for setting, seq_len, runs, run_epoch_s in settings:
+    for setting, seq_len, runs, run_s in settings:
         size = stack_size(seq_len, runs, max_group)
         for first in range(0, runs, size):
-            seconds = min(size, runs - first) * 200 * run_epoch_s
+            seconds = min(size, runs - first) * run_s
             stacks.append(Stack(setting, seconds, seconds))
     return stacks
 

@@ -33,7 +33,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_epoch import protocol_minutes, stack_epoch_seconds  # noqa: E402
-from benchmarks.call_plan import OUTSIDE_SECONDS, Slice, plan_calls, runs_per_stack, split_stacks  # noqa: E402
+from benchmarks.call_plan import (  # noqa: E402
+    MAX_RUNS_PER_STACK, OUTSIDE_SECONDS, Slice, plan_calls, runs_per_stack, split_stacks,
+)  # fmt: skip
 from mad.archive import read_records  # noqa: E402
 from mad.leaderboard import setting_label  # noqa: E402
 from mad.setting_configs import setting_id  # noqa: E402
@@ -179,10 +181,10 @@ def _still_to_run_lines(args: argparse.Namespace, rows: list[Remaining]) -> list
     if not rows:
         return ["## Settings still to run", "", "None: every grid point has a record.", ""]
     max_group = runs_per_stack(args.gpus, args.checkpoint_mib, args.carry_mib)
-    settings = [(setting_id(r.task, r.setting), r.seq_len, r.runs, r.run_epoch_s) for r in rows]
+    settings = [(setting_id(r.task, r.setting), r.seq_len, r.runs, EPOCHS * r.run_epoch_s) for r in rows]
     calls = plan_calls(split_stacks(settings, max_group), args.gpus, args.call_seconds)
     seconds = args.call_seconds - OUTSIDE_SECONDS
-    group = f" hydra.launcher.max_group={max_group}" if max_group < 6 else ""
+    group = f" hydra.launcher.max_group={max_group}" if max_group < MAX_RUNS_PER_STACK else ""
     return [
         "## Settings still to run", "",
         "Priced as above at 200 epochs; a stack that stops early (every run done) takes less.", "",

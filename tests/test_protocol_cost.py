@@ -130,7 +130,7 @@ def test_the_runs_per_stack_keep_the_stopped_checkpoints_within_what_a_call_carr
     assert call_plan.runs_per_stack(4, 5.0, 36) == 1
     with pytest.raises(ValueError, match="8 GPUs x one 5-MiB checkpoint do not fit the 36 MiB"):
         call_plan.runs_per_stack(8, 5.0, 36)
-    stacks = call_plan.split_stacks([("a", 1024, 6, 1.0), ("b", 256, 5, 0.5)], max_group=3)
+    stacks = call_plan.split_stacks([("a", 1024, 6, 200.0), ("b", 256, 5, 100.0)], max_group=3)
     assert [(s.setting, s.seconds) for s in stacks] == [("a", 600.0), ("a", 600.0), ("b", 300.0), ("b", 200.0)]
 
 
